@@ -1,0 +1,40 @@
+# kdforge: `make demo` and `make test` work on a fresh machine with Python >= 3.10 and make.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kdforge-installed
+# Without an NVIDIA GPU, pin the CPU build of torch (constraints/cpu.txt); with one, pip resolves torch normally.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+TORCH_INDEX ?=
+PIP_FLAGS := $(if $(HAS_GPU),,-c constraints/cpu.txt) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools
+
+$(STAMP): pyproject.toml constraints/cpu.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q $(PIP_FLAGS) -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/kdforge demo
+
+test: $(STAMP)
+	$(BIN)/ruff check kdforge tests scripts
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check kdforge tests scripts
+	$(BIN)/ruff format --check kdforge tests scripts
+
+format: $(STAMP)
+	$(BIN)/ruff format kdforge tests scripts
+	$(BIN)/ruff check --fix kdforge tests scripts
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,5 @@
+import sys
+
+from kdforge.cli import main
+
+sys.exit(main())

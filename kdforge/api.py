@@ -1,0 +1,226 @@
+"""The Python API; the CLI is a thin shell over these functions.
+
+import kdforge
+teacher = kdforge.create_model("resnet32x4", num_classes=100, pretrained="runs/teacher/model.pt")
+student = kdforge.create_model("resnet8x4", num_classes=100)
+method = kdforge.create_method("kd", student, teacher, temperature=4.0)
+data = kdforge.build_data("cifar100", root="data/", download=True)
+result = kdforge.fit(method, data, train={"epochs": 240}, optim={"lr": 0.05}, out_dir="runs/kd")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from kdforge.config import DataConfig, RunConfig, config_from_dict, deep_merge, load_config, load_yaml, validate
+from kdforge.data import DataBundle, build_data
+from kdforge.engine.checkpoint import CHECKPOINT_FORMAT, atomic_write_json, load_checkpoint
+from kdforge.engine.env import resolve_device, seed_everything
+from kdforge.engine.loop import FitResult, evaluate, fit
+from kdforge.errors import CheckpointError, ConfigError
+from kdforge.methods import Method, create_method
+from kdforge.models import count_parameters, create_model, load_weights
+
+WEIGHT_FILES = ("model.pt", "student.pt")
+
+
+def resolve_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """A state dict from a weight file, a kdforge training checkpoint or a run directory.
+
+    A run directory gives its ``model.pt`` (``kdforge train``) or ``student.pt`` (``kdforge distill``); a training
+    checkpoint (``last.pt``/``best.pt``) gives the student's weights from its method state.
+    """
+    path = Path(source)
+    if path.is_dir():
+        found = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+        if not found:
+            raise CheckpointError(f"{path} holds none of {', '.join(WEIGHT_FILES)}; pass a weight file instead")
+        path = found[0]
+    obj = load_checkpoint(path)
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        prefix = "student."
+        obj = {k.removeprefix(prefix): v for k, v in obj["method"].items() if k.startswith(prefix)}
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+    return obj, path
+
+
+def build_network(name: str, num_classes: int, checkpoint: str | Path | None = None) -> nn.Module:
+    """A registry model with ``num_classes`` outputs, with weights loaded from ``checkpoint`` when given."""
+    model = create_model(name, num_classes=num_classes)
+    if checkpoint is not None:
+        state, path = resolve_weights(checkpoint)
+        try:
+            load_weights(model, state)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+    return model
+
+
+def data_from_config(d: DataConfig, device: torch.device, *, seed: int = 0, channels_last: bool = False) -> DataBundle:
+    """``build_data`` with the keys of a ``DataConfig`` (channels_last applies on CUDA only)."""
+    return build_data(
+        d.name,
+        root=d.root,
+        download=d.download,
+        batch_size=d.batch_size,
+        eval_batch_size=d.eval_batch_size,
+        num_workers=d.num_workers,
+        image_size=d.image_size,
+        augment=d.augment,
+        train_subset=d.train_subset,
+        test_subset=d.test_subset,
+        device=device,
+        seed=seed,
+        channels_last=channels_last and device.type == "cuda",
+    )
+
+
+def build_run(
+    cfg: RunConfig, command: Literal["train", "distill"] = "distill", device: torch.device | None = None
+) -> tuple[Method, DataBundle]:
+    """Data, networks and method for a validated config (model init is seeded by ``train.seed``)."""
+    validate(cfg, command)
+    device = device or resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    d = cfg.data
+    data = data_from_config(d, device, seed=cfg.train.seed, channels_last=cfg.train.channels_last)
+    for key, mc in (("model", cfg.model), ("teacher", cfg.teacher)):
+        if mc is not None and mc.num_classes is not None and mc.num_classes != data.num_classes:
+            raise ConfigError(
+                f"{key}.num_classes={mc.num_classes} but dataset '{d.name}' has {data.num_classes} "
+                f"classes; remove {key}.num_classes or use matching data"
+            )
+    student = build_network(cfg.model.name, data.num_classes, cfg.model.checkpoint)
+    teacher = None
+    if cfg.teacher is not None and cfg.teacher.name:
+        if cfg.teacher.checkpoint is None:
+            raise ConfigError(
+                "teacher.checkpoint is not set: distilling from an untrained teacher is meaningless; "
+                "train one with `kdforge train` and pass its run directory or weight file"
+            )
+        teacher = build_network(cfg.teacher.name, data.num_classes, cfg.teacher.checkpoint)
+    context = {
+        "num_classes": data.num_classes,
+        "num_train": data.num_train,
+        "epochs": cfg.train.epochs,
+        "steps_per_epoch": len(data.train),
+    }
+    method = create_method(cfg.method.name, student, teacher, context=context, **cfg.method.params)
+    return method, data
+
+
+def run(
+    cfg: RunConfig,
+    command: Literal["train", "distill"] = "distill",
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+) -> FitResult:
+    """Everything ``kdforge train``/``distill`` does: build, report the teacher, train, write the run directory."""
+    if resume and out_dir is not None:
+        saved = Path(out_dir) / "config.yaml"
+        if saved.is_file():
+            cfg = load_config(saved)
+    method, data = build_run(cfg, command)
+    teacher_eval = None
+    device = resolve_device(cfg.train.device)
+    if method.teacher is not None:
+        teacher_eval = evaluate(method.teacher.to(device), data.test, device=device, precision=cfg.train.precision)
+        if cfg.train.progress:
+            print(
+                f"teacher {cfg.teacher.name}: test top-1 {teacher_eval['top1']:.2f}%  "  # type: ignore[union-attr]
+                f"({count_parameters(method.teacher) / 1e6:.2f}M params)",
+                flush=True,
+            )
+    result = fit(
+        method,
+        data,
+        train=cfg.train,
+        optim=cfg.optim,
+        schedule=cfg.schedule,
+        out_dir=out_dir,
+        config=cfg,
+        resume=resume,
+        force=force,
+    )
+    if result.out_dir is not None:
+        summary_path = result.out_dir / "summary.json"
+        summary = json.loads(summary_path.read_text())
+        summary.update(
+            {
+                "command": command,
+                "model": cfg.model.name,
+                "method": cfg.method.name,
+                "dataset": cfg.data.name,
+                "params": count_parameters(method.student),
+            }
+        )
+        if teacher_eval is not None:
+            summary.update({"teacher": cfg.teacher.name, "teacher_top1": teacher_eval["top1"]})  # type: ignore[union-attr]
+        atomic_write_json(summary_path, summary)
+    return result
+
+
+def evaluate_checkpoint(checkpoint: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate a weight file or training checkpoint on the test split of its run's dataset.
+
+    The architecture and data come from the checkpoint's saved config (a training checkpoint, or the
+    ``config.yaml`` beside a weight file); ``overrides`` (a nested mapping of config keys) change them, and must
+    give ``model.name`` for a bare state dict with no config beside it.
+    """
+    path = Path(checkpoint)
+    state, path = resolve_weights(path)
+    saved: dict[str, Any] = {}
+    raw = load_checkpoint(path)
+    if isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT:
+        saved = raw["config"]
+    elif (path.parent / "config.yaml").is_file():
+        saved = load_yaml(path.parent / "config.yaml")
+    merged = deep_merge(saved, overrides or {})
+    if not merged.get("model", {}).get("name"):
+        raise ConfigError(
+            f"{path} does not say which architecture it holds; pass model.name=<model> (and data.name=... for the data)"
+        )
+    merged.pop("teacher", None)
+    merged["method"] = {"name": "vanilla"}
+    cfg = config_from_dict(merged)
+    validate(cfg, "train")
+    device = resolve_device(cfg.train.device)
+    cfg.data.augment = False
+    data = data_from_config(cfg.data, device)
+    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes or data.num_classes)
+    try:
+        load_weights(model, state)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    model.to(device)
+    result = evaluate(model, data.test, device=device, precision=cfg.train.precision)
+    return {
+        "checkpoint": str(path),
+        "model": cfg.model.name,
+        "dataset": cfg.data.name,
+        "params": count_parameters(model),
+        **result,
+    }
+
+
+__all__ = [
+    "FitResult",
+    "build_data",
+    "build_network",
+    "build_run",
+    "create_method",
+    "create_model",
+    "evaluate",
+    "evaluate_checkpoint",
+    "fit",
+    "resolve_weights",
+    "run",
+]

@@ -1,0 +1,529 @@
+"""Typed run configuration: dataclass schemas, YAML loading, dotted overrides, validation and dumping.
+
+Python is the source of truth: the dataclasses below define every key, its type and its default; a YAML file and
+the CLI's ``key=value`` overrides only change values. Method parameters are not listed here: they are the typed
+keyword arguments of the method's constructor, read through ``inspect``, so adding a method never touches this file.
+Unknown keys and wrong types fail with one line that names the key and the closest valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from kdforge.errors import ConfigError
+from kdforge.registry import close_matches
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+@dataclass
+class ModelConfig:
+    """A network: a registry name, its class count and optional weights.
+
+    ``checkpoint`` is a weight file or a run directory (its ``model.pt``/``student.pt`` is used).
+    """
+
+    name: str = "resnet8"
+    num_classes: int | None = None
+    checkpoint: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """Dataset and batching; see ``kdforge.data.build_data`` for the meaning of each key."""
+
+    name: str = "embedded"
+    root: str | None = None
+    download: bool = False
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 4
+    image_size: int | None = None
+    augment: bool = True
+    train_subset: int | None = None
+    test_subset: int | None = None
+    views: Literal["none", "jda"] = "none"
+    jda_p: float = 0.3
+    jda_ops: list[str] | None = None
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer. ``lr`` is the student's; methods that fine-tune a teacher scale it for their own group."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    # Weight decay on BN parameters and biases is the literature's default (RepDistiller, mdistiller), so it stays on.
+    decay_norm_and_bias: bool = True
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, stepped per iteration; warm-up is linear from ``warmup_start`` × lr."""
+
+    name: Literal["multistep", "cosine", "constant"] = "multistep"
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    warmup_start: float = 0.1
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """The loop: length, precision, devices, checkpoints and logging."""
+
+    epochs: int = 240
+    seed: int = 0
+    device: str = "auto"
+    precision: Precision = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    grad_clip: float | None = None
+    eval_every: int = 1
+    log_every: int = 25
+    progress: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class MethodConfig:
+    """The distillation method: its registry name plus the typed keyword arguments of its constructor."""
+
+    name: str = "kd"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs. ``model`` is the network being trained (the student when distilling)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig | None = None
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Type checking and coercion
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to type ``tp`` or raise ``ConfigError`` naming ``key``.
+
+    Accepted conversions are the lossless ones a YAML user means: an integer where a float is expected, a string
+    like ``1e-3`` (which YAML 1.1 reads as a string) where a float is expected, a list where a tuple is expected.
+    """
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise _type_error(value, tp, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        hints = close_matches(str(value), [str(c) for c in choices])
+        hint = f" (did you mean {hints[0]!r}?)" if hints else ""
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}{hint}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(value, tp, key)
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key} must have {len(args)} entries, got {len(value)}")
+            return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        elem = args[0] if args else Any
+        items = [coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise _type_error(value, tp, key)
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(value, tp, key)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _type_error(value, tp, key)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _type_error(value, tp, key)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, Path):
+            return str(value)
+        raise _type_error(value, tp, key)
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise _type_error(value, tp, key)
+
+
+def _type_error(value: Any, tp: Any, key: str) -> ConfigError:
+    return ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:
+    full = f"{prefix}{key}"
+    hints = close_matches(key, valid)
+    if hints:
+        hint = "closest valid keys: " + ", ".join(f"{prefix}{h}" for h in hints)
+    else:
+        hint = "valid keys: " + ", ".join(f"{prefix}{v}" for v in valid)
+    return ConfigError(f"unknown config key '{full}'; {hint}")
+
+
+def _dataclass_from_dict(cls: type, data: Any, prefix: str) -> Any:
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        where = prefix.rstrip(".") or "the config"
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(str(key), names, prefix)
+        tp = hints[key]
+        sub = _dataclass_type(tp)
+        if sub is not None:
+            values[key] = None if value is None else _dataclass_from_dict(sub, value, f"{prefix}{key}.")
+        else:
+            values[key] = coerce(value, tp, f"{prefix}{key}")
+    return cls(**values)
+
+
+def _dataclass_type(tp: Any) -> type | None:
+    """The dataclass inside ``tp`` (``X`` or ``X | None``), if any."""
+    if dataclasses.is_dataclass(tp):
+        return tp  # type: ignore[return-value]
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def method_from_dict(data: Any) -> MethodConfig:
+    """Build a ``MethodConfig`` from ``{name: ..., <param>: ...}`` (a flat mapping, as written in YAML)."""
+    if isinstance(data, MethodConfig):
+        return data
+    if isinstance(data, str):
+        return MethodConfig(name=data)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"method must be a mapping like {{name: kd, temperature: 4}}, got {type(data).__name__}")
+    data = dict(data)
+    name = data.pop("name", MethodConfig.name)
+    if not isinstance(name, str):
+        raise ConfigError(f"method.name must be a string, got {name!r}")
+    return MethodConfig(name=name, params=data)
+
+
+def config_from_dict(data: Any) -> RunConfig:
+    """Build and type-check a ``RunConfig`` from nested mappings; method parameters are checked by ``validate``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"the config must be a mapping of keys to values, got {type(data).__name__}")
+    data = dict(data)
+    method = method_from_dict(data.pop("method", {}))
+    cfg = _dataclass_from_dict(RunConfig, data, "")
+    cfg.method = method
+    return cfg
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as plain nested dicts (tuples as lists), with the method flattened as in YAML."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    out = {f.name: plain(dataclasses.asdict(getattr(cfg, f.name))) if getattr(cfg, f.name) is not None else None
+           for f in dataclasses.fields(cfg) if f.name != "method"}
+    out["method"] = {"name": cfg.method.name, **plain(cfg.method.params)}
+    order = ["model", "teacher", "method", "data", "optim", "schedule", "train"]
+    return {k: out[k] for k in order}
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping; one-line ``ConfigError`` when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: {problem}{where}; fix the YAML syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path} must hold a mapping of keys to values (like 'train: {{epochs: 3}}'), "
+                          f"got {type(data).__name__}")
+    return dict(data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into the key path and the YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. optim.lr=0.1")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key; write it like optim.lr=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides to a nested mapping (a copy); types are checked later."""
+    out = _deep_copy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+                node[part] = child
+            elif not isinstance(child, dict):
+                raise ConfigError(f"cannot set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a mapping")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, Mapping):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, recursively for nested mappings."""
+    out = _deep_copy(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = _deep_copy(value)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                defaults: Mapping[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the YAML file, then the overrides; returns the type-checked ``RunConfig``."""
+    data = dict(defaults or {})
+    if path is not None:
+        data = deep_merge(data, load_yaml(path))
+    data = apply_overrides(data, list(overrides or []))
+    return config_from_dict(data)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Method parameters: the constructor's keyword arguments are the schema.
+
+# Arguments the engine supplies from the run itself; a config may not set them.
+CONTEXT_ARGS = ("student", "teacher", "num_classes", "num_train", "epochs", "steps_per_epoch")
+
+
+def method_signature(cls: type) -> dict[str, inspect.Parameter]:
+    """The user-settable constructor parameters of a method class (context arguments excluded)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {n: p for n, p in params.items() if n != "self" and n not in CONTEXT_ARGS
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def check_method_params(cls: type, params: Mapping[str, Any], prefix: str = "method.") -> dict[str, Any]:
+    """Type-check ``params`` against the constructor of ``cls``; returns the coerced values."""
+    sig = method_signature(cls)
+    hints = typing.get_type_hints(cls.__init__)
+    out = {}
+    for key, value in params.items():
+        if key not in sig:
+            if key in CONTEXT_ARGS:
+                raise ConfigError(f"{prefix}{key} is set by kdforge from the run itself; remove it from the config")
+            raise _unknown_key(key, sorted(sig), prefix)
+        out[key] = coerce(value, hints.get(key, Any), f"{prefix}{key}")
+    return out
+
+
+def method_defaults(cls: type) -> dict[str, Any]:
+    """Default values of the settable constructor parameters of a method class."""
+    return {n: p.default for n, p in method_signature(cls).items() if p.default is not inspect.Parameter.empty}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Value checks that types alone cannot express.
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: RunConfig, command: Literal["train", "distill"] = "distill") -> RunConfig:
+    """Check values and combinations (ranges, a teacher where needed, method parameters); returns ``cfg``."""
+    from kdforge.data import list_datasets
+    from kdforge.methods import METHODS
+    from kdforge.models import list_models
+
+    def known(name: str, names: list[str], what: str, key: str) -> None:
+        if name not in names:
+            hints = close_matches(name, names)
+            hint = f"did you mean {', '.join(repr(h) for h in hints)}? " if hints else ""
+            raise ConfigError(f"{key}: unknown {what} '{name}'; {hint}run `kdforge {what}s` to list them")
+
+    models = list_models()
+    known(cfg.model.name, models, "model", "model.name")
+    known(cfg.method.name, METHODS.names(), "method", "method.name")
+    known(cfg.data.name, list_datasets(), "dataset", "data.name")
+    method_cls = METHODS.get(cfg.method.name)
+    cfg.method.params = check_method_params(method_cls, cfg.method.params)
+
+    if command == "train":
+        _require(cfg.method.name == "vanilla",
+                 f"`kdforge train` trains without a teacher (method vanilla); use `kdforge distill` for "
+                 f"method '{cfg.method.name}'")
+    if getattr(method_cls, "needs_teacher", False):
+        _require(cfg.teacher is not None and bool(cfg.teacher.name),
+                 f"method '{cfg.method.name}' needs a teacher: set teacher.name=... and teacher.checkpoint=...")
+    if cfg.teacher is not None:
+        known(cfg.teacher.name, models, "model", "teacher.name")
+        _require(getattr(method_cls, "needs_teacher", True),
+                 f"method '{cfg.method.name}' trains without a pretrained teacher; remove the teacher section "
+                 f"(and teacher.* overrides) from the config")
+        tc, mc = cfg.teacher.num_classes, cfg.model.num_classes
+        _require(tc is None or mc is None or tc == mc,
+                 f"teacher.num_classes={tc} but model.num_classes={mc}; distillation needs the same classes")
+    needs_views = getattr(method_cls, "needs_views", False)
+    _require(not needs_views or cfg.data.views != "none",
+             f"method '{cfg.method.name}' needs dual-view batches: set data.views=jda")
+    _require(needs_views or cfg.data.views == "none",
+             f"data.views={cfg.data.views} only feeds dual-view methods (ccd, kd_jda); "
+             f"method '{cfg.method.name}' would ignore the second view, so set data.views=none")
+    _require(0.0 <= cfg.data.jda_p <= 1.0, f"data.jda_p must be in [0, 1], got {cfg.data.jda_p}")
+    if cfg.data.jda_ops is not None:
+        from kdforge.data.jda import JDAPolicy
+
+        try:
+            JDAPolicy.parse(cfg.data.jda_ops, cfg.data.jda_p)
+        except ValueError as err:
+            raise ConfigError(f"data.jda_ops: {err}") from None
+
+    t, o, s, d = cfg.train, cfg.optim, cfg.schedule, cfg.data
+    _require(t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}")
+    _require(t.eval_every >= 1, f"train.eval_every must be at least 1, got {t.eval_every}")
+    _require(t.log_every >= 1, f"train.log_every must be at least 1, got {t.log_every}")
+    _require(t.grad_clip is None or t.grad_clip > 0, f"train.grad_clip must be positive or null, got {t.grad_clip}")
+    _require(math.isfinite(o.lr) and 0 < o.lr <= 10, f"optim.lr must be in (0, 10], got {o.lr}")
+    _require(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
+    _require(0 <= o.weight_decay < 1, f"optim.weight_decay must be in [0, 1), got {o.weight_decay}")
+    _require(all(0 <= b < 1 for b in o.betas), f"optim.betas must each be in [0, 1), got {list(o.betas)}")
+    _require(not o.nesterov or o.momentum > 0, "optim.nesterov needs optim.momentum > 0")
+    _require(0 < s.gamma <= 1, f"schedule.gamma must be in (0, 1], got {s.gamma}")
+    _require(s.warmup_epochs >= 0, f"schedule.warmup_epochs must be >= 0, got {s.warmup_epochs}")
+    _require(0 < s.warmup_start <= 1, f"schedule.warmup_start must be in (0, 1], got {s.warmup_start}")
+    _require(s.min_lr >= 0, f"schedule.min_lr must be >= 0, got {s.min_lr}")
+    _require(list(s.milestones) == sorted(s.milestones) and all(m > 0 for m in s.milestones),
+             f"schedule.milestones must be increasing positive epochs, got {list(s.milestones)}")
+    _require(d.batch_size >= 1, f"data.batch_size must be at least 1, got {d.batch_size}")
+    _require(d.eval_batch_size >= 1, f"data.eval_batch_size must be at least 1, got {d.eval_batch_size}")
+    _require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    for key in ("train_subset", "test_subset", "image_size"):
+        value = getattr(d, key)
+        _require(value is None or value >= 1, f"data.{key} must be positive or null, got {value}")
+    for key, mc in (("model", cfg.model), ("teacher", cfg.teacher)):
+        if mc is not None and mc.num_classes is not None:
+            _require(mc.num_classes >= 1, f"{key}.num_classes must be at least 1, got {mc.num_classes}")
+    return cfg
+
+
+def flat_keys(cfg: RunConfig | None = None) -> list[str]:
+    """Every settable dotted key of the schema (method parameters of the chosen method included)."""
+    cfg = cfg or RunConfig()
+    keys = []
+    for f in dataclasses.fields(RunConfig):
+        if f.name == "method":
+            continue
+        sub = _dataclass_type(typing.get_type_hints(RunConfig)[f.name])
+        keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(sub)]
+    from kdforge.methods import METHODS
+
+    if cfg.method.name in METHODS:
+        keys += [f"method.{k}" for k in method_signature(METHODS.get(cfg.method.name))]
+    return ["method.name", *keys]

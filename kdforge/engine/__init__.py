@@ -1,0 +1,1 @@
+"""The training engine: one readable loop plus its optimizer, checkpoint and logging helpers."""

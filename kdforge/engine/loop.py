@@ -1,0 +1,349 @@
+"""The training loop and evaluation.
+
+One function, read top to bottom: build the optimizer and schedule from the method's parameter groups, then for
+each epoch run the method's ``forward_train`` under autocast, step, evaluate, write metrics and checkpoints. Methods
+customise training only through the narrow interface of :class:`kdforge.methods.base.Method`; the loop never asks
+which method it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdforge.config import (
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+    TrainConfig,
+    _dataclass_from_dict,
+    config_to_dict,
+    dump_yaml,
+)
+from kdforge.data.batch import Batch
+from kdforge.engine.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+)
+from kdforge.engine.env import (
+    autocast,
+    environment,
+    eval_mode,
+    resolve_device,
+    resolve_precision,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from kdforge.engine.logging import Console, MetricsWriter, format_parts
+from kdforge.engine.optim import build_optimizer, build_scheduler
+from kdforge.errors import CheckpointError, ConfigError, KDForgeError
+from kdforge.methods.base import Method, Progress
+from kdforge.methods.vanilla import Vanilla
+
+RUN_MARKERS = ("metrics.jsonl", "last.pt")
+
+
+@dataclass
+class FitResult:
+    """Outcome of :func:`fit`: best and final test accuracy (top-1/top-5, %), time and the per-epoch records."""
+
+    best_top1: float
+    best_epoch: int
+    final_top1: float
+    final_top5: float
+    train_time_s: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    out_dir: Path | None = None
+
+
+def _as_config(cls: type, value: Any) -> Any:
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    return _dataclass_from_dict(cls, value, f"{cls.__name__.removesuffix('Config').lower()}.")
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module | Callable[[Tensor], Tensor],
+    loader: Iterable[Batch],
+    *,
+    device: torch.device | str | None = None,
+    precision: str | torch.dtype = "fp32",
+) -> dict[str, float]:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy of ``model`` over ``loader``.
+
+    Counts are summed, never per-batch means averaged, so the result is exact for any batch split. A
+    :class:`Method` is evaluated through its ``forward_eval`` (the student).
+    """
+    module = model if isinstance(model, nn.Module) else None
+    fn = model.forward_eval if isinstance(model, Method) else model
+    if device is None:
+        param = next(module.parameters(), None) if module is not None else None
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    dtype = precision if isinstance(precision, torch.dtype) else resolve_precision(precision, device)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
+    with eval_mode(module) if module is not None else contextlib.nullcontext():
+        for batch in loader:
+            batch = batch.to(device)
+            with autocast(device, dtype):
+                logits = fn(batch.input)
+            logits = logits.float()
+            k = min(5, logits.shape[1])
+            topk = logits.topk(k, dim=1).indices
+            hit = topk == batch.target[:, None]
+            loss = nn.functional.cross_entropy(logits, batch.target, reduction="sum")
+            totals += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), loss, torch.tensor(len(batch))]).to(totals)
+    c1, c5, loss_sum, n = totals.tolist()
+    if n == 0:
+        raise KDForgeError("evaluation data is empty")
+    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss_sum / n, "count": int(n)}
+
+
+def prepare_run_dir(out_dir: str | Path, *, resume: bool, force: bool) -> Path:
+    """Create ``out_dir``; refuse one that already holds a run unless resuming or forced (then it is cleared)."""
+    out = Path(out_dir)
+    holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
+    if resume:
+        if not (out / "last.pt").is_file():
+            raise ConfigError(f"--resume: {out} holds no last.pt to resume from; start the run without --resume")
+    elif holds_run:
+        if not force:
+            raise ConfigError(
+                f"{out} already holds a run; pass --resume to continue it, --force to overwrite it, "
+                "or choose another --out"
+            )
+        for child in out.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def fit(
+    method: Method | nn.Module,
+    data: Any,
+    *,
+    train: TrainConfig | Mapping[str, Any] | None = None,
+    optim: OptimConfig | Mapping[str, Any] | None = None,
+    schedule: ScheduleConfig | Mapping[str, Any] | None = None,
+    out_dir: str | Path | None = None,
+    config: RunConfig | None = None,
+    resume: bool = False,
+    force: bool = False,
+) -> FitResult:
+    """Train ``method`` on ``data`` and evaluate it every ``train.eval_every`` epochs.
+
+    Args:
+        method: a :class:`Method` (from ``create_method``), or a plain ``nn.Module`` to train with cross-entropy.
+        data: a ``DataBundle`` (``kdforge.data.build_data``) or any object with ``train``/``test`` loaders
+            that yield :class:`Batch` and offer ``set_epoch`` and ``len``.
+        train, optim, schedule: configs or plain dicts of their keys.
+        out_dir: run directory for ``metrics.jsonl``, checkpoints (``last.pt``, ``best.pt``), the exported
+            networks (``student.pt``/``model.pt``), ``config.yaml``, ``env.json`` and ``summary.json``;
+            ``None`` writes nothing.
+        config: the full run config, saved as ``config.yaml`` (the CLI passes it).
+        resume: continue from ``out_dir/last.pt``.
+        force: overwrite a run directory that already holds a run.
+    """
+    train_cfg: TrainConfig = _as_config(TrainConfig, train)
+    optim_cfg: OptimConfig = _as_config(OptimConfig, optim)
+    sched_cfg: ScheduleConfig = _as_config(ScheduleConfig, schedule)
+    if not isinstance(method, Method):
+        method = Vanilla(method)
+    device = resolve_device(train_cfg.device)
+    dtype = resolve_precision(train_cfg.precision, device)
+    seed_everything(train_cfg.seed, train_cfg.deterministic)
+
+    method.to(device)
+    if device.type == "cuda" and train_cfg.channels_last:
+        method.to(memory_format=torch.channels_last)
+    steps_per_epoch = len(data.train)
+    if steps_per_epoch == 0:
+        raise ConfigError("the training set yields no batch: lower data.batch_size or use more data")
+    epochs = train_cfg.epochs
+    optimizer = build_optimizer(method.param_groups(), optim_cfg)
+    scheduler = build_scheduler(optimizer, sched_cfg, optim_cfg.lr, epochs, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    # Compile the whole trainable forward (student, adapters, teacher call) but keep the eager module for
+    # evaluation and checkpoints, whose state-dict keys must not carry the compiler's "_orig_mod." prefix.
+    step_fn = torch.compile(method) if train_cfg.compile else method
+
+    out = prepare_run_dir(out_dir, resume=resume, force=force) if out_dir is not None else None
+    if config is None:
+        config = RunConfig(train=train_cfg, optim=optim_cfg, schedule=sched_cfg)
+    start_epoch, step, best_top1, best_epoch, history = 0, 0, -1.0, 0, []
+    if out is not None:
+        if resume:
+            ckpt = load_checkpoint(out / "last.pt", map_location=device)
+            if ckpt.get("format") != CHECKPOINT_FORMAT:
+                raise CheckpointError(f"{out / 'last.pt'} is not a kdforge training checkpoint")
+            method.load_state_dict(ckpt["method"])
+            method.load_extra_state(ckpt["extra"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            set_rng_state(ckpt["rng"])
+            start_epoch, step = ckpt["epoch"], ckpt["step"]
+            best_top1, best_epoch, history = ckpt["best_top1"], ckpt["best_epoch"], list(ckpt["history"])
+        else:
+            atomic_write_text(out / "config.yaml", dump_yaml(config))
+            atomic_write_json(out / "env.json", environment(device))
+    metrics = MetricsWriter(out / "metrics.jsonl" if out is not None else None)
+    console = Console(train_cfg.progress)
+    console.print(
+        f"training {type(method).__name__.lower()} on {device} ({_dtype_name(dtype)}), {epochs} epochs "
+        f"x {steps_per_epoch} steps" + (f", run dir {out}" if out is not None else "")
+    )
+
+    train_time = sum(r.get("epoch_time_s", 0.0) for r in history)
+    total_steps = epochs * steps_per_epoch
+    log_every = train_cfg.log_every
+    trainable = list(method.trainable_parameters())
+    extra_keys: set[str] = set()
+    for epoch in range(start_epoch, epochs):
+        method.train()
+        data.train.set_epoch(epoch)
+        method.on_epoch_start(epoch)
+        console.start_epoch(epoch, epochs, steps_per_epoch)
+        # Loss parts are accumulated on the device and read back only every `log_every` steps: one host sync per
+        # log line instead of one per loss part per step.
+        sums: dict[str, Tensor] = {}
+        correct = torch.zeros((), device=device)
+        seen, logged, t0 = 0, 0, time.perf_counter()
+        for i, batch in enumerate(data.train):
+            batch = batch.to(device)
+            logits = None
+            for sub in range(method.substeps):
+                progress = Progress(epoch, step, epoch + i / steps_per_epoch, step / total_steps, sub)
+                with autocast(device, dtype):
+                    result = step_fn(batch, progress)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(result.loss).backward()
+                if train_cfg.grad_clip is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+                    torch.nn.utils.clip_grad_norm_(trainable, train_cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                for name, value in {"loss": result.loss, **result.losses}.items():
+                    value = value.detach().float()
+                    sums[name] = sums[name] + value if name in sums else value
+                logits = result.logits if logits is None else logits
+            scheduler.step()
+            method.on_step_end(progress)
+            step += 1
+            # Train accuracy over the batch's labels; a dual-view method returns logits for every view.
+            reps = logits.shape[0] // len(batch)
+            correct += (logits.detach().argmax(dim=1) == batch.target.repeat_interleave(reps)).sum() / reps
+            seen += len(batch)
+            if (i + 1) % log_every == 0 or i + 1 == steps_per_epoch:
+                means = dict(zip(sums, (torch.stack(list(sums.values())) / (i + 1)).tolist(), strict=True))
+                if not math.isfinite(means["loss"]):
+                    last = f"; the last good checkpoint is {out / 'last.pt'}" if out is not None else ""
+                    raise KDForgeError(
+                        f"the training loss became {means['loss']} in epoch {epoch + 1} (step {step})"
+                        f"{last}; lower optim.lr or set train.grad_clip"
+                    )
+                console.update(i + 1 - logged, means, seen / (time.perf_counter() - t0))
+                logged = i + 1
+        epoch_time = time.perf_counter() - t0
+        train_time += epoch_time
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"]}
+        record.update({f"train_{k}" if k == "loss" else f"loss_{k}": v for k, v in means.items()})
+        record["train_top1"] = 100.0 * correct.item() / max(seen, 1)
+        record["epoch_time_s"] = epoch_time
+        record["img_per_s"] = seen / epoch_time
+        if (epoch + 1) % train_cfg.eval_every == 0 or epoch + 1 == epochs:
+            ev = evaluate(method, data.test, device=device, precision=dtype)
+            record.update({"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]})
+            for name, net in method.evaluators().items():
+                record[f"{name}_top1"] = evaluate(net, data.test, device=device, precision=dtype)["top1"]
+                extra_keys.add(f"{name}_top1")
+            improved = ev["top1"] > best_top1
+            if improved:
+                best_top1, best_epoch = ev["top1"], epoch + 1
+            record["best_top1"] = best_top1
+        else:
+            improved = False
+        history.append(record)
+        metrics.write(record)
+        test = f"  test {record['test_top1']:.2f}% (best {best_top1:.2f}%)" if "test_top1" in record else ""
+        test += "".join(f"  {k.removesuffix('_top1')} {v:.2f}%" for k, v in record.items() if k in extra_keys)
+        console.end_epoch(
+            f"epoch {epoch + 1}/{epochs}  {format_parts(means)}  train {record['train_top1']:.2f}%{test}  "
+            f"lr {record['lr']:.4g}  {epoch_time:.1f}s  {record['img_per_s']:,.0f} img/s"
+        )
+        if out is not None:
+            ckpt = {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                "method_name": type(method).__name__,
+                "method": method.state_dict(),
+                "extra": method.extra_state(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch + 1,
+                "step": step,
+                "best_top1": best_top1,
+                "best_epoch": best_epoch,
+                "history": history,
+                "config": config_to_dict(config),
+                "rng": rng_state(),
+            }
+            save_checkpoint(ckpt, out / "last.pt")
+            if improved:
+                save_checkpoint(ckpt, out / "best.pt")
+
+    final = history[-1] if history else {}
+    result = FitResult(
+        best_top1=best_top1,
+        best_epoch=best_epoch,
+        final_top1=final.get("test_top1", float("nan")),
+        final_top5=final.get("test_top5", float("nan")),
+        train_time_s=train_time,
+        history=history,
+        out_dir=out,
+    )
+    if out is not None:
+        for stem, module in method.exports().items():
+            save_checkpoint(module.state_dict(), out / f"{stem}.pt")
+        atomic_write_json(
+            out / "summary.json",
+            {
+                "best_top1": result.best_top1,
+                "best_epoch": result.best_epoch,
+                "final_top1": result.final_top1,
+                "final_top5": result.final_top5,
+                **{f"final_{k}": final[k] for k in sorted(extra_keys) if k in final},
+                "epochs": epochs,
+                "train_time_s": result.train_time_s,
+            },
+        )
+    console.print(
+        f"done: final top-1 {result.final_top1:.2f}%, best {result.best_top1:.2f}% (epoch {best_epoch}), "
+        f"train time {train_time:.1f}s"
+    )
+    return result
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

@@ -1,0 +1,75 @@
+"""Distillation methods: one file each, registered in ``METHODS`` at the definition."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from kdforge.config import CONTEXT_ARGS, check_method_params
+from kdforge.errors import ConfigError
+from kdforge.methods import alpha_kd, atf, bilateral, ccd, dkd, dml, kd, vanilla  # noqa: F401  (registration)
+from kdforge.methods.base import Method, Progress, StepOutput
+from kdforge.registry import METHODS
+
+
+def list_methods() -> list[dict[str, Any]]:
+    """One row per method: name, family, paper, whether it is exact or reconstructed, one-line summary."""
+    rows = []
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        rows.append(
+            {
+                "name": name,
+                "family": cls.family,
+                "paper": cls.paper,
+                "status": "exact" if cls.exact else "reconstructed",
+                "summary": cls.summary,
+            }
+        )
+    return rows
+
+
+def create_method(
+    name: str,
+    student: nn.Module,
+    teacher: nn.Module | None = None,
+    *,
+    context: dict[str, Any] | None = None,
+    **params: Any,
+) -> Method:
+    """Build the method ``name`` around ``student`` (and ``teacher``).
+
+    Args:
+        name: registry name (``kdforge methods`` lists them).
+        student: the network to train.
+        teacher: the pretrained teacher; required by methods with ``needs_teacher``.
+        context: run facts a method may ask for by argument name (``num_classes``, ``num_train``, ``epochs``,
+            ``steps_per_epoch``); the engine fills it.
+        **params: the method's own typed keyword arguments (type-checked like a config).
+    """
+    cls = METHODS.get(name)
+    params = check_method_params(cls, params)
+    if cls.needs_teacher and teacher is None:
+        raise ConfigError(f"method '{name}' needs a teacher: set teacher.name and teacher.checkpoint")
+    if not cls.needs_teacher and teacher is not None:
+        raise ConfigError(f"method '{name}' trains without a teacher; remove the teacher from the config")
+    s_classes, t_classes = getattr(student, "num_classes", None), getattr(teacher, "num_classes", None)
+    if teacher is not None and s_classes is not None and t_classes is not None and s_classes != t_classes:
+        raise ConfigError(
+            f"the teacher predicts {t_classes} classes but the student {s_classes}; "
+            "distillation needs the same classes (check teacher.num_classes / the dataset)"
+        )
+    sig = inspect.signature(cls.__init__).parameters
+    ctx = {k: v for k, v in (context or {}).items() if k in sig and k in CONTEXT_ARGS}
+    kwargs: dict[str, Any] = {"student": student, **ctx, **params}
+    if "teacher" in sig:
+        kwargs["teacher"] = teacher
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise ConfigError(f"method '{name}': {err}") from None
+
+
+__all__ = ["METHODS", "Method", "Progress", "StepOutput", "create_method", "list_methods"]
