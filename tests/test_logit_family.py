@@ -381,3 +381,33 @@ def test_dml_rejects_a_teacher(tiny_net):
 
     with pytest.raises(ConfigError, match="trains without a teacher"):
         create_method("dml", tiny_net(seed=0), tiny_net(seed=1))
+
+
+def test_atf_shadow_variant_trains_head_and_student_only():
+    from kdforge.models import create_model
+
+    torch.manual_seed(0)
+    teacher, student = create_model("resnet8", num_classes=10), create_model("resnet8", num_classes=10)
+    pretrained = copy.deepcopy(teacher.state_dict())
+    method = create_method("atf", student, teacher, variant="shadow")
+    assert method.tuned_teacher is None and not method.trains_teacher
+    g = torch.Generator().manual_seed(1)
+    batch = Batch(torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 3]), torch.arange(4))
+    method.train()
+    out = method(batch, PROGRESS)
+    assert set(out.losses) == {"ce", "kd", "t_ce", "rev", "anchor"}
+    out.loss.backward()
+    missing = [n for n, p in method.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not missing and any(n.startswith("shadow.") for n, _ in method.named_parameters())
+    opt = torch.optim.SGD(method.parameters(), lr=0.1)
+    opt.step()
+    for k, v in method.teacher.state_dict().items():
+        assert torch.equal(v, pretrained[k])
+    assert set(method.exports()) == {"student"}
+
+
+def test_atf_shadow_needs_stage_features(tiny_net):
+    from kdforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="variant=shadow needs a kdforge teacher"):
+        create_method("atf", tiny_net(seed=0), tiny_net(seed=1), variant="shadow")
