@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kdforge.config import DataConfig, RunConfig, config_from_dict, deep_merge, load_config, load_yaml, validate
+from kdforge.config import DataConfig, RunConfig, config_from_dict, deep_merge, load_yaml, validate
 from kdforge.data import DataBundle, build_data
 from kdforge.engine.checkpoint import CHECKPOINT_FORMAT, atomic_write_json, load_checkpoint
 from kdforge.engine.env import resolve_device, seed_everything
@@ -78,6 +78,9 @@ def data_from_config(d: DataConfig, device: torch.device, *, seed: int = 0, chan
         device=device,
         seed=seed,
         channels_last=channels_last and device.type == "cuda",
+        views=d.views,
+        jda_p=d.jda_p,
+        jda_ops=d.jda_ops,
     )
 
 
@@ -124,21 +127,17 @@ def run(
     force: bool = False,
 ) -> FitResult:
     """Everything ``kdforge train``/``distill`` does: build, report the teacher, train, write the run directory."""
-    if resume and out_dir is not None:
-        saved = Path(out_dir) / "config.yaml"
-        if saved.is_file():
-            cfg = load_config(saved)
     method, data = build_run(cfg, command)
     teacher_eval = None
     device = resolve_device(cfg.train.device)
     if method.teacher is not None:
         teacher_eval = evaluate(method.teacher.to(device), data.test, device=device, precision=cfg.train.precision)
-        if cfg.train.progress:
-            print(
-                f"teacher {cfg.teacher.name}: test top-1 {teacher_eval['top1']:.2f}%  "  # type: ignore[union-attr]
-                f"({count_parameters(method.teacher) / 1e6:.2f}M params)",
-                flush=True,
-            )
+        # One line even without progress output: a wrong teacher checkpoint shows up here, before training.
+        print(
+            f"teacher {cfg.teacher.name}: test top-1 {teacher_eval['top1']:.2f}%  "  # type: ignore[union-attr]
+            f"({count_parameters(method.teacher) / 1e6:.2f}M params)",
+            flush=True,
+        )
     result = fit(
         method,
         data,

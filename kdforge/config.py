@@ -301,8 +301,11 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    out = {f.name: plain(dataclasses.asdict(getattr(cfg, f.name))) if getattr(cfg, f.name) is not None else None
-           for f in dataclasses.fields(cfg) if f.name != "method"}
+    out = {
+        f.name: plain(dataclasses.asdict(getattr(cfg, f.name))) if getattr(cfg, f.name) is not None else None
+        for f in dataclasses.fields(cfg)
+        if f.name != "method"
+    }
     out["method"] = {"name": cfg.method.name, **plain(cfg.method.params)}
     order = ["model", "teacher", "method", "data", "optim", "schedule", "train"]
     return {k: out[k] for k in order}
@@ -327,8 +330,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{path} must hold a mapping of keys to values (like 'train: {{epochs: 3}}'), "
-                          f"got {type(data).__name__}")
+        raise ConfigError(
+            f"{path} must hold a mapping of keys to values (like 'train: {{epochs: 3}}'), got {type(data).__name__}"
+        )
     return dict(data)
 
 
@@ -384,8 +388,9 @@ def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                defaults: Mapping[str, Any] | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, defaults: Mapping[str, Any] | None = None
+) -> RunConfig:
     """Defaults, then the YAML file, then the overrides; returns the type-checked ``RunConfig``."""
     data = dict(defaults or {})
     if path is not None:
@@ -404,8 +409,11 @@ CONTEXT_ARGS = ("student", "teacher", "num_classes", "num_train", "epochs", "ste
 def method_signature(cls: type) -> dict[str, inspect.Parameter]:
     """The user-settable constructor parameters of a method class (context arguments excluded)."""
     params = inspect.signature(cls.__init__).parameters
-    return {n: p for n, p in params.items() if n != "self" and n not in CONTEXT_ARGS
-            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return {
+        n: p
+        for n, p in params.items()
+        if n != "self" and n not in CONTEXT_ARGS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
 
 
 def check_method_params(cls: type, params: Mapping[str, Any], prefix: str = "method.") -> dict[str, Any]:
@@ -456,26 +464,38 @@ def validate(cfg: RunConfig, command: Literal["train", "distill"] = "distill") -
     cfg.method.params = check_method_params(method_cls, cfg.method.params)
 
     if command == "train":
-        _require(cfg.method.name == "vanilla",
-                 f"`kdforge train` trains without a teacher (method vanilla); use `kdforge distill` for "
-                 f"method '{cfg.method.name}'")
+        _require(
+            cfg.method.name == "vanilla",
+            f"`kdforge train` trains without a teacher (method vanilla); use `kdforge distill` for "
+            f"method '{cfg.method.name}'",
+        )
     if getattr(method_cls, "needs_teacher", False):
-        _require(cfg.teacher is not None and bool(cfg.teacher.name),
-                 f"method '{cfg.method.name}' needs a teacher: set teacher.name=... and teacher.checkpoint=...")
+        _require(
+            cfg.teacher is not None and bool(cfg.teacher.name),
+            f"method '{cfg.method.name}' needs a teacher: set teacher.name=... and teacher.checkpoint=...",
+        )
     if cfg.teacher is not None:
         known(cfg.teacher.name, models, "model", "teacher.name")
-        _require(getattr(method_cls, "needs_teacher", True),
-                 f"method '{cfg.method.name}' trains without a pretrained teacher; remove the teacher section "
-                 f"(and teacher.* overrides) from the config")
+        _require(
+            getattr(method_cls, "needs_teacher", True),
+            f"method '{cfg.method.name}' trains without a pretrained teacher; remove the teacher section "
+            f"(and teacher.* overrides) from the config",
+        )
         tc, mc = cfg.teacher.num_classes, cfg.model.num_classes
-        _require(tc is None or mc is None or tc == mc,
-                 f"teacher.num_classes={tc} but model.num_classes={mc}; distillation needs the same classes")
+        _require(
+            tc is None or mc is None or tc == mc,
+            f"teacher.num_classes={tc} but model.num_classes={mc}; distillation needs the same classes",
+        )
     needs_views = getattr(method_cls, "needs_views", False)
-    _require(not needs_views or cfg.data.views != "none",
-             f"method '{cfg.method.name}' needs dual-view batches: set data.views=jda")
-    _require(needs_views or cfg.data.views == "none",
-             f"data.views={cfg.data.views} only feeds dual-view methods (ccd, kd_jda); "
-             f"method '{cfg.method.name}' would ignore the second view, so set data.views=none")
+    _require(
+        not needs_views or cfg.data.views != "none",
+        f"method '{cfg.method.name}' needs dual-view batches: set data.views=jda",
+    )
+    _require(
+        needs_views or cfg.data.views == "none",
+        f"data.views={cfg.data.views} only feeds dual-view methods (ccd, kd_jda); "
+        f"method '{cfg.method.name}' would ignore the second view, so set data.views=none",
+    )
     _require(0.0 <= cfg.data.jda_p <= 1.0, f"data.jda_p must be in [0, 1], got {cfg.data.jda_p}")
     if cfg.data.jda_ops is not None:
         from kdforge.data.jda import JDAPolicy
@@ -499,8 +519,10 @@ def validate(cfg: RunConfig, command: Literal["train", "distill"] = "distill") -
     _require(s.warmup_epochs >= 0, f"schedule.warmup_epochs must be >= 0, got {s.warmup_epochs}")
     _require(0 < s.warmup_start <= 1, f"schedule.warmup_start must be in (0, 1], got {s.warmup_start}")
     _require(s.min_lr >= 0, f"schedule.min_lr must be >= 0, got {s.min_lr}")
-    _require(list(s.milestones) == sorted(s.milestones) and all(m > 0 for m in s.milestones),
-             f"schedule.milestones must be increasing positive epochs, got {list(s.milestones)}")
+    _require(
+        list(s.milestones) == sorted(s.milestones) and all(m > 0 for m in s.milestones),
+        f"schedule.milestones must be increasing positive epochs, got {list(s.milestones)}",
+    )
     _require(d.batch_size >= 1, f"data.batch_size must be at least 1, got {d.batch_size}")
     _require(d.eval_batch_size >= 1, f"data.eval_batch_size must be at least 1, got {d.eval_batch_size}")
     _require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")

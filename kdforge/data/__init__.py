@@ -1,0 +1,295 @@
+"""Datasets and loaders: CIFAR archives, the JPEG ``.npz`` format, the embedded subset, image folders, ImageNet.
+
+``build_data(name, ...)`` returns a :class:`DataBundle` whose ``train``/``test`` loaders yield :class:`Batch` on the
+training device. Every dataset is registered in ``DATASETS`` (``kdforge datasets`` lists them).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from kdforge.data import augment as aug
+from kdforge.data.batch import Batch
+from kdforge.data.cifar import CIFAR10, CIFAR100, ArrayData, load_cifar, load_jpeg_npz
+from kdforge.data.folder import FolderLoader, ImageFolderDataset, scan_folder
+from kdforge.data.jda import JDAPolicy
+from kdforge.data.loader import TensorLoader
+from kdforge.errors import DataError
+from kdforge.registry import DATASETS
+
+EMBEDDED_ASSET = "cifar10_subset.npz"
+
+
+@dataclass
+class DataBundle:
+    """Train and test loaders plus what models and methods need to know about the data.
+
+    Attributes:
+        train: yields augmented, shuffled training batches (per-epoch permutation, ``set_epoch``).
+        test: yields every test sample exactly once, in order, without augmentation.
+        num_classes: number of classes.
+        classes: class names.
+        image_size: input side length.
+        mean, std: the normalization statistics applied.
+        num_train: size of the training set (the range of ``Batch.index``).
+    """
+
+    train: Any
+    test: Any
+    num_classes: int
+    classes: list[str]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    num_train: int
+
+
+def balanced_subset(labels: np.ndarray, n: int | None, seed: int = 0) -> np.ndarray:
+    """Indices of ``n`` samples with classes as balanced as possible (each class gets ⌊n/K⌋ or one more), drawn at
+    random with a fixed ``seed`` and returned in dataset order; all indices when ``n`` is ``None`` or too large.
+
+    The seed is fixed rather than the run's seed so that every run of a comparison sees the same subset.
+    """
+    if n is None or n >= len(labels):
+        return np.arange(len(labels))
+    order = np.random.default_rng(seed).permutation(len(labels))
+    rank = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        rank[members] = np.arange(len(members))  # position of each sample within its class's random order
+    chosen = order[np.lexsort((np.arange(len(order)), rank[order]))[:n]]
+    return np.sort(chosen)
+
+
+def _array_bundle(
+    data: ArrayData,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    *,
+    batch_size: int,
+    eval_batch_size: int,
+    augment_train: bool,
+    train_subset: int | None,
+    test_subset: int | None,
+    device: torch.device,
+    seed: int,
+    rank: int,
+    world_size: int,
+    channels_last: bool,
+    views: JDAPolicy | None,
+) -> DataBundle:
+    tr = balanced_subset(data.train_labels, train_subset)
+    te = balanced_subset(data.test_labels, test_subset)
+    common = {"mean": mean, "std": std, "device": device, "rank": rank, "world_size": world_size}
+    train = TensorLoader(
+        torch.from_numpy(np.ascontiguousarray(data.train_images[tr])),
+        torch.from_numpy(data.train_labels[tr]),
+        batch_size,
+        train=True,
+        augment=augment_train,
+        seed=seed,
+        channels_last=channels_last,
+        views=views,
+        **common,
+    )
+    test = TensorLoader(
+        torch.from_numpy(np.ascontiguousarray(data.test_images[te])),
+        torch.from_numpy(data.test_labels[te]),
+        eval_batch_size,
+        train=False,
+        channels_last=channels_last,
+        **common,
+    )
+    return DataBundle(
+        train, test, len(data.classes), list(data.classes), data.train_images.shape[-1], mean, std, len(tr)
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _embedded_arrays() -> ArrayData:
+    with resources.as_file(resources.files("kdforge.data") / "assets" / EMBEDDED_ASSET) as path:
+        return load_jpeg_npz(path)
+
+
+@DATASETS.register(
+    "embedded", kind="packaged", num_classes=10, image_size=32,
+    description="10,000/2,000-image CIFAR-10 subset shipped in the package (no download)",
+)  # fmt: skip
+def _embedded(root: str | None, download: bool) -> tuple[ArrayData, tuple, tuple]:
+    return _embedded_arrays(), aug.CIFAR10_MEAN, aug.CIFAR10_STD
+
+
+@DATASETS.register(
+    "cifar10", kind="archive", num_classes=10, image_size=32,
+    description="CIFAR-10 python archive in data.root (data.download=true fetches it)",
+)  # fmt: skip
+def _cifar10(root: str | None, download: bool) -> tuple[ArrayData, tuple, tuple]:
+    return load_cifar(CIFAR10, root, download_missing=download), aug.CIFAR10_MEAN, aug.CIFAR10_STD
+
+
+@DATASETS.register(
+    "cifar100", kind="archive", num_classes=100, image_size=32,
+    description="CIFAR-100 python archive in data.root (data.download=true fetches it)",
+)  # fmt: skip
+def _cifar100(root: str | None, download: bool) -> tuple[ArrayData, tuple, tuple]:
+    return load_cifar(CIFAR100, root, download_missing=download), aug.CIFAR100_MEAN, aug.CIFAR100_STD
+
+
+@DATASETS.register(
+    "cifar10_jpeg", kind="npz", num_classes=10, image_size=32,
+    description="CIFAR-10 in the JPEG .npz format; data.root = the file or its folder",
+)  # fmt: skip
+def _cifar10_jpeg(root: str | None, download: bool) -> tuple[ArrayData, tuple, tuple]:
+    if root is None:
+        raise DataError("cifar10_jpeg needs data.root: the JPEG .npz file or the folder holding it")
+    return load_jpeg_npz(root), aug.CIFAR10_MEAN, aug.CIFAR10_STD
+
+
+@DATASETS.register(
+    "folder", kind="folder", num_classes=None, image_size=224,
+    description="your images: data.root/train/<class>/*.jpg and data.root/val/<class>/*.jpg",
+)  # fmt: skip
+def _folder(root: str | None, download: bool) -> tuple[str, tuple, tuple]:
+    return "folder", aug.IMAGENET_MEAN, aug.IMAGENET_STD
+
+
+@DATASETS.register(
+    "imagenet", kind="folder", num_classes=1000, image_size=224,
+    description="ImageNet-1k as image folders: data.root/train/<wnid>/ and data.root/val/<wnid>/",
+)  # fmt: skip
+def _imagenet(root: str | None, download: bool) -> tuple[str, tuple, tuple]:
+    return "folder", aug.IMAGENET_MEAN, aug.IMAGENET_STD
+
+
+def _folder_bundle(
+    name: str,
+    root: str | None,
+    mean: tuple,
+    std: tuple,
+    *,
+    image_size: int,
+    batch_size: int,
+    eval_batch_size: int,
+    num_workers: int,
+    train_subset: int | None,
+    test_subset: int | None,
+    device: torch.device,
+    seed: int,
+    rank: int,
+    world_size: int,
+    channels_last: bool,
+    views: JDAPolicy | None,
+) -> DataBundle:
+    if root is None:
+        raise DataError(f"dataset '{name}' needs data.root: a folder with train/<class>/ and val/<class>/")
+    base = Path(root)
+    train_samples, classes = scan_folder(base / "train")
+    test_samples, _ = scan_folder(base / "val", classes)
+    tr = balanced_subset(np.array([lbl for _, lbl in train_samples]), train_subset)
+    te = balanced_subset(np.array([lbl for _, lbl in test_samples]), test_subset)
+    train_samples = [train_samples[i] for i in tr]
+    test_samples = [test_samples[i] for i in te]
+    # Small user images (e.g. 32 px) should not be cropped to 8% of their area; ImageNet keeps torchvision's range.
+    scale = (0.08, 1.0) if name == "imagenet" else (0.35, 1.0)
+    common = {"mean": mean, "std": std, "device": device, "num_workers": num_workers, "rank": rank}
+    common |= {"world_size": world_size, "channels_last": channels_last, "seed": seed}
+    train = FolderLoader(
+        ImageFolderDataset(train_samples, image_size, train=True, seed=seed, scale=scale),
+        batch_size,
+        train=True,
+        views=views,
+        **common,
+    )
+    test_set = ImageFolderDataset(test_samples, image_size, train=False)
+    test = FolderLoader(test_set, eval_batch_size, train=False, **common)
+    return DataBundle(train, test, len(classes), classes, image_size, mean, std, len(train_samples))
+
+
+def build_data(
+    name: str,
+    *,
+    root: str | None = None,
+    download: bool = False,
+    batch_size: int = 64,
+    eval_batch_size: int = 256,
+    num_workers: int = 4,
+    image_size: int | None = None,
+    augment: bool = True,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    channels_last: bool = False,
+    views: Literal["none", "jda"] = "none",
+    jda_p: float = 0.3,
+    jda_ops: list[str] | None = None,
+) -> DataBundle:
+    """Build the train and test loaders of dataset ``name``.
+
+    Args:
+        name: a registered dataset (``kdforge datasets``).
+        root: where its files are (archive folder, ``.npz`` file, or image-folder root).
+        download: fetch missing CIFAR archives.
+        batch_size, eval_batch_size: per-rank batch sizes for training and evaluation.
+        num_workers: DataLoader workers (image folders; CIFAR-sized sets need none).
+        image_size: input side for image folders (default 224); CIFAR-sized sets keep 32.
+        augment: crop/flip training batches.
+        train_subset, test_subset: use a fixed, class-balanced subset of that many samples.
+        device: where batches are produced (CIFAR-sized sets are stored there whole).
+        seed: shuffling and augmentation seed.
+        rank, world_size: distributed shard.
+        channels_last: channels-last inputs.
+        views: ``jda`` adds a joint-data-augmentation view to every training batch (CCD).
+        jda_p, jda_ops: JDA probability and operation list (``name:magnitude``; default the CIFAR-100 list).
+    """
+    builder = DATASETS.get(name)
+    device = torch.device(device)
+    policy = None
+    if views == "jda":
+        policy = JDAPolicy.parse(jda_ops, jda_p) if jda_ops is not None else JDAPolicy(p=jda_p)
+    elif views != "none":
+        raise DataError(f"data.views must be none or jda, got {views!r}")
+    source, mean, std = builder(root, download)
+    common: dict[str, Any] = {
+        "batch_size": batch_size,
+        "eval_batch_size": eval_batch_size,
+        "train_subset": train_subset,
+        "test_subset": test_subset,
+        "device": device,
+        "seed": seed,
+        "rank": rank,
+        "world_size": world_size,
+        "channels_last": channels_last,
+        "views": policy,
+    }
+    if isinstance(source, ArrayData):
+        if image_size not in (None, source.train_images.shape[-1]):
+            raise DataError(f"dataset '{name}' has {source.train_images.shape[-1]} px images; remove data.image_size")
+        bundle = _array_bundle(source, mean, std, augment_train=augment, **common)
+    else:
+        size = image_size or DATASETS.meta(name)["image_size"]
+        bundle = _folder_bundle(name, root, mean, std, image_size=size, num_workers=num_workers, **common)
+        if not augment:
+            bundle.train.dataset.train = False  # deterministic resize + centre crop for the training split too
+    if len(bundle.train) == 0:
+        raise DataError(
+            f"{bundle.num_train} training samples give no full batch of {batch_size} per rank; lower data.batch_size"
+        )
+    return bundle
+
+
+def list_datasets() -> list[str]:
+    """Registered dataset names."""
+    return DATASETS.names()
+
+
+__all__ = ["Batch", "DataBundle", "balanced_subset", "build_data", "list_datasets"]

@@ -188,6 +188,7 @@ def fit(
     step_fn = torch.compile(method) if train_cfg.compile else method
 
     out = prepare_run_dir(out_dir, resume=resume, force=force) if out_dir is not None else None
+    given_config = config is not None
     if config is None:
         config = RunConfig(train=train_cfg, optim=optim_cfg, schedule=sched_cfg)
     start_epoch, step, best_top1, best_epoch, history = 0, 0, -1.0, 0, []
@@ -204,6 +205,8 @@ def fit(
             set_rng_state(ckpt["rng"])
             start_epoch, step = ckpt["epoch"], ckpt["step"]
             best_top1, best_epoch, history = ckpt["best_top1"], ckpt["best_epoch"], list(ckpt["history"])
+            if given_config:  # a resumed run may extend train.epochs: record what it now runs with
+                atomic_write_text(out / "config.yaml", dump_yaml(config))
         else:
             atomic_write_text(out / "config.yaml", dump_yaml(config))
             atomic_write_json(out / "env.json", environment(device))

@@ -23,10 +23,25 @@ def interleave_views(batch: Batch) -> tuple[Tensor, Tensor]:
 
 
 class _DualViewMethod(Method):
+    """``L = w_kd·[a·CE(z_s, y) + (1−a)·τ²·soft]`` over the interleaved ``2B`` images (the CCD code's expression).
+
+    Args:
+        student: the network being trained.
+        teacher: the frozen pretrained teacher.
+        temperature: τ.
+        ce_ratio: a, the CE share.
+        kd_weight: w_kd, the overall scale.
+    """
+
     needs_views = True
 
     def __init__(
-        self, student: nn.Module, teacher: nn.Module, temperature: float, ce_ratio: float, kd_weight: float
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        temperature: float = 4.0,
+        ce_ratio: float = 0.5,
+        kd_weight: float = 2.0,
     ) -> None:
         super().__init__(student, teacher)
         if temperature <= 0:
@@ -58,28 +73,11 @@ class CCD(_DualViewMethod):
     2024 extension; checked against liwei-group/CCD (``losses/SingleCCD.py``, ``C100/train_student_singleccd.py``).
     ``L_aug`` weights each augmented sample's KL by ``cos(z^T_o, z^T_a) + 1``. Defaults τ 4, a 0.5, w_kd 2; the
     reference adds no other CE term. Needs ``data.views=jda``.
-
-    Args:
-        student: the network being trained.
-        teacher: the frozen pretrained teacher.
-        temperature: τ.
-        ce_ratio: a, the CE share.
-        kd_weight: w_kd, the overall scale.
     """
 
     family = "logit"
     paper = "Li et al., What Role Does Data Augmentation Play in KD? (ACCV 2022)"
     summary = "KD on original + JDA views, augmented views weighted by the teacher's cosine confidence"
-
-    def __init__(
-        self,
-        student: nn.Module,
-        teacher: nn.Module,
-        temperature: float = 4.0,
-        ce_ratio: float = 0.5,
-        kd_weight: float = 2.0,
-    ) -> None:
-        super().__init__(student, teacher, temperature, ce_ratio, kd_weight)
 
     def soft_loss(self, logits_s: Tensor, logits_t: Tensor) -> Tensor:
         return ccd_soft_loss(logits_s, logits_t, self.temperature)
@@ -87,29 +85,11 @@ class CCD(_DualViewMethod):
 
 @METHODS.register("kd_jda")
 class KDJDA(_DualViewMethod):
-    """The CCD paper's KD+JDA baseline: the same expression with plain KD over all 2B images (its ``losses/KD.py``).
-
-    Args:
-        student: the network being trained.
-        teacher: the frozen pretrained teacher.
-        temperature: τ.
-        ce_ratio: a, the CE share.
-        kd_weight: w_kd, the overall scale.
-    """
+    """The CCD paper's KD+JDA baseline: the same expression with plain KD over all 2B images (its ``losses/KD.py``)."""
 
     family = "logit"
     paper = "Li et al., What Role Does Data Augmentation Play in KD? (ACCV 2022)"
     summary = "Hinton KD on original + JDA views"
-
-    def __init__(
-        self,
-        student: nn.Module,
-        teacher: nn.Module,
-        temperature: float = 4.0,
-        ce_ratio: float = 0.5,
-        kd_weight: float = 2.0,
-    ) -> None:
-        super().__init__(student, teacher, temperature, ce_ratio, kd_weight)
 
     def soft_loss(self, logits_s: Tensor, logits_t: Tensor) -> Tensor:
         # kd_loss already carries τ²; the shared expression applies it once, so divide it back out.
