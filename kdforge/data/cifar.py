@@ -126,7 +126,10 @@ def download(url: str, dest: Path, md5: str, *, progress: bool = True, timeout: 
                 out.flush()
                 os.fsync(out.fileno())
         except (urllib.error.URLError, OSError, ValueError) as err:
-            reason = getattr(err, "reason", None) or err
+            if isinstance(err, urllib.error.HTTPError):
+                reason = f"HTTP {err.code} {err.reason}"
+            else:
+                reason = getattr(err, "reason", None) or err
             raise DataError(
                 f"could not download {url} ({reason}); put {dest.name} into {dest.parent} by hand or check the network"
             ) from None
