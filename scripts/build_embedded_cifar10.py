@@ -4,6 +4,8 @@ A class-balanced, seeded subset (1,000 train and 200 test images per class) whos
 from the source, in the same .npz layout, so one reader serves both files.
 
     python scripts/build_embedded_cifar10.py --source ../shared/data/cifar10/cifar10_jpeg.npz
+
+The subset is drawn by ``kdforge.data.balanced_subset`` with ``--seed`` (default 0), so the output is reproducible.
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from kdforge.data import balanced_subset
-from kdforge.data.cifar import write_jpeg_npz
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # run from a checkout without `pip install -e .`
 
-OUT = Path(__file__).resolve().parents[1] / "kdforge" / "data" / "assets" / "cifar10_subset.npz"
+from kdforge.data import balanced_subset  # noqa: E402
+from kdforge.data.cifar import write_jpeg_npz  # noqa: E402
+
+OUT = REPO / "kdforge" / "data" / "assets" / "cifar10_subset.npz"
 
 
 def _take(blob: np.ndarray, offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -28,7 +34,7 @@ def _take(blob: np.ndarray, offsets: np.ndarray, idx: np.ndarray) -> tuple[np.nd
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10_jpeg.npz"
+    shared = REPO.parent / "shared" / "data" / "cifar10" / "cifar10_jpeg.npz"
     p.add_argument("--source", default=str(shared))
     p.add_argument("--train", type=int, default=10_000)
     p.add_argument("--test", type=int, default=2_000)

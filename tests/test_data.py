@@ -18,7 +18,8 @@ from PIL import Image
 
 from kdforge.data import balanced_subset, build_data, list_datasets
 from kdforge.data.augment import normalize, random_crop, random_hflip
-from kdforge.data.cifar import CIFAR10, CIFAR100, load_cifar
+from kdforge.data.cifar import CIFAR10, CIFAR100, _decode_jpegs, load_cifar, load_jpeg_npz
+from kdforge.data.folder import ImageFolderDataset
 from kdforge.data.loader import TensorLoader
 from kdforge.errors import DataError
 from tests.conftest import SHARED_CIFAR10
@@ -134,9 +135,25 @@ def test_download_failures_leave_nothing(server, tmp_path):
     assert not list(root.iterdir())
 
 
+def test_cifar100_download_failures(server, tmp_path):
+    served, base = server
+    make_cifar100_archive(served / "cifar-100-python.tar.gz")
+    root = tmp_path / "c100"
+    with pytest.raises(DataError, match="expected ffff.*nothing was kept"):
+        load_cifar(CIFAR100, root, download_missing=True, url=f"{base}/cifar-100-python.tar.gz", md5="ffff")
+    assert not list(root.iterdir())
+    with pytest.raises(DataError, match="could not download .*404"):
+        load_cifar(CIFAR100, root, download_missing=True, url=f"{base}/nope.tar.gz", md5="0", progress=False)
+    assert not list(root.iterdir())
+    with pytest.raises(DataError, match="set data.download=true") as err:
+        build_data("cifar100", root=str(root))
+    assert str(root) in str(err.value) and "cifar-100-python.tar.gz" in str(err.value)
+
+
 def test_missing_and_corrupt_archives(tmp_path, monkeypatch):
-    with pytest.raises(DataError, match=r"put cifar-10-python.tar.gz .* into .*, or set data.download=true"):
+    with pytest.raises(DataError, match=r"put cifar-10-python.tar.gz .* into .*, or set data.download=true") as err:
         load_cifar(CIFAR10, tmp_path)
+    assert str(tmp_path) in str(err.value) and "https://www.cs.toronto.edu/~kriz/" in str(err.value)
     archive = tmp_path / "cifar-10-python.tar.gz"
     make_cifar10_archive(archive)
     with pytest.raises(DataError, match="wrong MD5 checksum"):
@@ -182,6 +199,21 @@ def test_hflip_flips_exactly_the_chosen_samples():
     chosen = torch.rand(4, generator=torch.Generator().manual_seed(1)) < 0.5
     for i in range(4):
         assert torch.equal(out[i], x[i].flip(2) if chosen[i] else x[i])
+
+
+def test_augmentation_is_deterministic_per_generator():
+    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+
+    def run(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return random_hflip(random_crop(x, 4, g), g)
+
+    assert torch.equal(run(5), run(5)) and not torch.equal(run(5), run(6))
+    # The crop is a pure index operation: same result on uint8 and on float copies of the images.
+    torch.testing.assert_close(
+        random_crop(x.float(), 4, torch.Generator().manual_seed(3)),
+        random_crop(x, 4, torch.Generator().manual_seed(3)).float(),
+    )
 
 
 def test_normalize_golden():
@@ -237,6 +269,21 @@ def test_set_epoch_start_batch_replays_the_tail_exactly():
     assert torch.equal(next(iter(loader)).input, full[0].input)
 
 
+def test_resume_on_a_sharded_rank_and_channels_last():
+    loader = _loader(n=40, batch=4, train=True, augment=True, rank=1, world_size=2, channels_last=True, seed=7)
+    loader.set_epoch(1)
+    full = list(loader)
+    assert len(full) == len(loader) == 5
+    assert full[0].input.is_contiguous(memory_format=torch.channels_last)
+    loader.set_epoch(1, start_batch=3)
+    tail = list(loader)
+    assert [b.index.tolist() for b in tail] == [b.index.tolist() for b in full[3:]]
+    assert all(torch.equal(a.input, b.input) for a, b in zip(full[3:], tail, strict=True))
+    other = _loader(n=40, batch=4, train=True, augment=True, rank=0, world_size=2, seed=7)
+    other.set_epoch(1)
+    assert not set(torch.cat([b.index for b in other]).tolist()) & set(torch.cat([b.index for b in full]).tolist())
+
+
 def test_test_loader_yields_every_sample_once_in_order():
     loader = _loader(n=43, batch=8, train=False)
     idx = torch.cat([b.index for b in loader])
@@ -286,12 +333,76 @@ def test_cifar10_jpeg_npz(tmp_path, monkeypatch):
     assert torch.equal(again.train.images, bundle.train.images)
 
 
+def _jpeg_npz(path: Path, n: int = 12, corrupt: int | None = None) -> np.ndarray:
+    # Smooth images (gradients, a per-image blue level): JPEG keeps them close, so a decode mix-up would show.
+    ramp = np.linspace(0, 255, 32)
+    images = np.stack(
+        [np.stack(np.broadcast_arrays(ramp[:, None], ramp[None, :], np.full((32, 32), 20.0 * i)), -1) for i in range(n)]
+    ).astype(np.uint8)
+    blobs = []
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=95)
+        blobs.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
+    if corrupt is not None:
+        blobs[corrupt] = np.frombuffer(b"\xff\xd8 not really a jpeg", dtype=np.uint8)
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+    blob = np.concatenate(blobs)
+    np.savez(
+        path,
+        train_jpeg=blob,
+        train_offsets=offsets,
+        train_labels=np.arange(n) % 2,
+        test_jpeg=blob,
+        test_offsets=offsets,
+        test_labels=np.arange(n) % 2,
+        classes=np.array(["a", "b"]),
+    )
+    return images
+
+
+def test_jpeg_npz_parallel_decode_matches_serial(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDFORGE_CACHE", str(tmp_path / "cache"))
+    images = _jpeg_npz(tmp_path / "small.npz")
+    with np.load(tmp_path / "small.npz") as z:
+        serial = _decode_jpegs(z["train_jpeg"], z["train_offsets"], "x", workers=1)
+        parallel = _decode_jpegs(z["train_jpeg"], z["train_offsets"], "x", workers=2)
+    assert np.array_equal(serial, parallel) and serial.shape == (12, 3, 32, 32)
+    assert np.abs(serial.transpose(0, 2, 3, 1).astype(int) - images).mean() < 4  # JPEG is lossy, not wrong
+    data = load_jpeg_npz(tmp_path / "small.npz")
+    assert np.array_equal(data.train_images, serial) and data.classes == ["a", "b"]
+    assert len(list((tmp_path / "cache").glob("small-*.decoded.npz"))) == 1
+    assert np.array_equal(load_jpeg_npz(tmp_path / "small.npz").train_images, serial)  # from the cache
+    cached = next((tmp_path / "cache").glob("small-*.decoded.npz"))
+    cached.write_bytes(cached.read_bytes()[:100])  # a damaged cache is decoded again and rewritten
+    assert np.array_equal(load_jpeg_npz(tmp_path / "small.npz").train_images, serial)
+    assert np.array_equal(load_jpeg_npz(tmp_path / "small.npz").train_images, serial)
+    # A cache location that cannot be written (here: below a file) only means decoding every time.
+    (tmp_path / "blocker").write_text("")
+    monkeypatch.setenv("KDFORGE_CACHE", str(tmp_path / "blocker" / "cache"))
+    assert np.array_equal(load_jpeg_npz(tmp_path / "small.npz").train_images, serial)
+
+
+def test_corrupt_jpeg_in_npz_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDFORGE_CACHE", str(tmp_path / "cache"))
+    _jpeg_npz(tmp_path / "bad.npz", corrupt=5)
+    with np.load(tmp_path / "bad.npz") as z:
+        for workers in (1, 2):
+            with pytest.raises(DataError, match=r"bad.npz.*image 5 is not a readable JPEG"):
+                _decode_jpegs(z["train_jpeg"], z["train_offsets"], f"{tmp_path / 'bad.npz'}", workers=workers)
+    with pytest.raises(DataError, match="image 5"):
+        build_data("cifar10_jpeg", root=str(tmp_path / "bad.npz"))
+
+
 def test_npz_errors(tmp_path):
     with pytest.raises(DataError, match="needs data.root"):
         build_data("cifar10_jpeg")
     bad = tmp_path / "x.npz"
     np.savez(bad, foo=np.zeros(3))
     with pytest.raises(DataError, match="lacks train_jpeg"):
+        build_data("cifar10_jpeg", root=str(bad))
+    bad.write_bytes(b"PK not a zip")
+    with pytest.raises(DataError, match="is not a readable .npz file"):
         build_data("cifar10_jpeg", root=str(bad))
 
 
@@ -324,6 +435,14 @@ def test_image_folder_dataset(tmp_path):
     assert len(first) == 3 and len({i for b in first for i in b}) == 12
     bundle.train.set_epoch(0, start_batch=1)
     assert [b.index.tolist() for b in bundle.train] == first[1:]
+
+
+def test_image_folder_dataset_scans_a_split_folder(tmp_path):
+    _write_folder(tmp_path, classes=("b", "a"), per_class=2)
+    ds = ImageFolderDataset(tmp_path / "val", 12, train=False)
+    assert ds.classes == ["a", "b"] and len(ds) == 4
+    image, label, index, error = ds[(3, 0)]
+    assert image.shape == (3, 12, 12) and image.dtype == torch.uint8 and label == 1 and index == 3 and not error
 
 
 def test_image_folder_with_workers(tmp_path):

@@ -269,7 +269,7 @@ def _train(method, steps: int = 3, views: int = 0, fraction: float = 0.0):
 def test_teacher_changes_only_in_modes_that_train_it(tiny_net, name):
     teacher = tiny_net(seed=1)
     pretrained = copy.deepcopy(teacher.state_dict())
-    method = create_method(name, tiny_net(seed=0), teacher)
+    method = create_method(name, tiny_net(seed=0), teacher, teacher_bn="eval")
     _train(method)
     tuned = method.tuned_teacher.state_dict()
     assert any(not torch.equal(pretrained[k], tuned[k]) for k in pretrained), "the tuned teacher did not move"
@@ -303,10 +303,10 @@ def test_atf_teacher_param_group_and_bn_train_policy(tiny_net):
 
 def test_atf_anchor_modes(tiny_net):
     for anchor in ("kl", "l2"):
-        method = create_method("atf", tiny_net(seed=0), tiny_net(seed=1), anchor=anchor)
+        method = create_method("atf", tiny_net(seed=0), tiny_net(seed=1), anchor=anchor, teacher_bn="eval")
         method.train()
         out = method(_batch(), PROGRESS)
-        # At the first step the tuned teacher equals the pretrained one: both anchors are ~0.
+        # At the first step the tuned teacher equals the pretrained one (BN in eval mode for both): anchors ~0.
         assert out.losses["anchor"].item() == pytest.approx(0.0, abs=1e-5)
     method = create_method("atf", tiny_net(seed=0), tiny_net(seed=1), anchor="l2", anchor_weight=1.0)
     with torch.no_grad():
@@ -316,8 +316,21 @@ def test_atf_anchor_modes(tiny_net):
     assert method.anchor_l2().item() == pytest.approx(0.01 * n, rel=1e-4)
 
 
-def test_atf_adaptive_reverse_weight_tracks_the_gap(tiny_net):
-    method = create_method("atf", tiny_net(seed=0), tiny_net(seed=1), gap_momentum=0.5)
+def test_atf_confidence_weighted_reverse_term(tiny_net):
+    method = create_method("atf", tiny_net(seed=0), tiny_net(seed=1), divergence="fixed", alpha=1.0)
+    method.eval()
+    batch = _batch()
+    out = method(batch, PROGRESS)
+    zs, zt = method.student(batch.input), method.tuned_teacher(batch.input)
+    ns, nt = layer_norm_logits(zs).double().detach().numpy(), layer_norm_logits(zt).double().detach().numpy()
+    ps, pt = _np_softmax(ns / 4.0), _np_softmax(nt / 4.0)
+    conf = _np_softmax(zs.double().detach().numpy())[np.arange(8), batch.target.numpy()]
+    expected = 16.0 * (conf * _np_kl(ps, pt)).mean()  # τ²·mean_b p_s(y_b)·KL(p̃_s ‖ p̃_t)
+    assert out.losses["rev"].item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_atf_gap_reverse_weight_tracks_the_gap(tiny_net):
+    method = create_method("atf", tiny_net(seed=0), tiny_net(seed=1), gap_momentum=0.5, reverse_mode="gap")
     # First batch: the reference is the gap itself → factor 1; a gap half the running average → factor 0.5.
     assert method._reverse_factor(torch.tensor(2.0)).item() == pytest.approx(1.0)
     assert method.gap_ema.item() == pytest.approx(2.0)

@@ -6,13 +6,19 @@ keeps them) and int64 labels, for the train and test splits.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
 import io
+import mmap
+import multiprocessing as mp
 import os
 import pickle
 import tarfile
 import urllib.error
 import urllib.request
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +131,7 @@ def download(url: str, dest: Path, md5: str, *, progress: bool = True, timeout: 
                         bar.update(len(chunk))
                 out.flush()
                 os.fsync(out.fileno())
-        except (urllib.error.URLError, OSError, ValueError) as err:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
             if isinstance(err, urllib.error.HTTPError):
                 reason = f"HTTP {err.code} {err.reason}"
             else:
@@ -252,17 +258,81 @@ def load_cifar(
 # ---------------------------------------------------------------------------------------------- the JPEG .npz
 
 
-def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray, what: str) -> np.ndarray:
-    n = len(offsets) - 1
-    first = np.asarray(Image.open(io.BytesIO(blob[offsets[0] : offsets[1]].tobytes())).convert("RGB"))
-    out = np.empty((n, 3, *first.shape[:2]), dtype=np.uint8)
-    for i in range(n):
+# The blob and output buffer of a parallel decode, inherited by forked workers (nothing is pickled per image).
+_SHARED: dict[str, object] = {}
+
+
+def _decode_into(out: np.ndarray, blob: bytes, offsets: np.ndarray, start: int, stop: int, what: str) -> None:
+    """Decode images ``start..stop-1`` of ``blob`` into ``out[start:stop]`` (``[N, 3, H, W]`` uint8)."""
+    for i in range(start, stop):
         try:
-            img = Image.open(io.BytesIO(blob[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB")
-            out[i] = np.asarray(img).transpose(2, 0, 1)
+            img = Image.open(io.BytesIO(blob[offsets[i] : offsets[i + 1]]), formats=("JPEG",))
+            arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+            out[i] = arr.transpose(2, 0, 1)
         except (OSError, ValueError) as err:
             raise DataError(f"{what}: image {i} is not a readable JPEG ({err}); the file is corrupt") from None
-    return out
+
+
+def _decode_chunk(bounds: tuple[int, int]) -> None:
+    _decode_into(_SHARED["out"], _SHARED["blob"], _SHARED["offsets"], *bounds, _SHARED["what"])  # type: ignore[arg-type]
+
+
+def _decode_workers(n: int) -> int:
+    """Processes for decoding ``n`` images: several only for large sets, where the fork cost pays off."""
+    # Daemonic processes (DataLoader workers) may not have children; fork is Linux/macOS only.
+    if n < 5_000 or "fork" not in mp.get_all_start_methods() or mp.current_process().daemon:
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
+def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray, what: str, workers: int | None = None) -> np.ndarray:
+    """Decode the concatenated JPEGs of one split.
+
+    Args:
+        blob: ``[total bytes]`` uint8, the JPEG files back to back.
+        offsets: ``[N + 1]`` int64; image ``i`` is ``blob[offsets[i]:offsets[i+1]]``.
+        what: names the file in error messages.
+        workers: decoding processes (default :func:`_decode_workers`); 1 decodes in this process.
+
+    Returns:
+        ``[N, 3, H, W]`` uint8 (all images must share one size, as CIFAR's do).
+    """
+    n = len(offsets) - 1
+    if n <= 0:
+        raise DataError(f"{what} holds no images; the file is incomplete")
+    data = blob.tobytes()
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if offsets[0] != 0 or offsets[-1] != len(data) or np.any(np.diff(offsets) <= 0):
+        raise DataError(f"{what}: the offsets do not cut the JPEG bytes into images; the file is corrupt")
+    try:
+        with Image.open(io.BytesIO(data[: offsets[1]])) as first:
+            w, h = first.size
+    except (OSError, ValueError) as err:
+        raise DataError(f"{what}: image 0 is not a readable JPEG ({err}); the file is corrupt") from None
+    workers = _decode_workers(n) if workers is None else workers
+    if workers <= 1:
+        out = np.empty((n, 3, h, w), dtype=np.uint8)
+        _decode_into(out, data, offsets, 0, n, what)
+        return out
+    # Forked workers write into one anonymous shared mapping: no per-chunk pickling of decoded pixels, and no
+    # re-import of torch in the children (which spawn would cost, about a second each).
+    buffer = mmap.mmap(-1, n * 3 * h * w)
+    shared = np.frombuffer(buffer, dtype=np.uint8).reshape(n, 3, h, w)
+    _SHARED.update(out=shared, blob=data, offsets=offsets, what=what)
+    chunks = [(k * n // (4 * workers), (k + 1) * n // (4 * workers)) for k in range(4 * workers)]
+    try:
+        with warnings.catch_warnings():
+            # Python >= 3.12 warns about fork() in a multi-threaded process; the children only run Pillow/NumPy.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            with mp.get_context("fork").Pool(workers) as pool:
+                pool.map(_decode_chunk, chunks)
+        return shared.copy()
+    finally:
+        _SHARED.clear()
+        del shared
+        with contextlib.suppress(BufferError):  # a still-referenced view only delays the unmap to garbage collection
+            buffer.close()
 
 
 def _npz_cache_path(path: Path) -> Path:
@@ -287,14 +357,21 @@ def load_jpeg_npz(path: str | Path, *, cache: bool = True) -> ArrayData:
         raise DataError(f"{path} does not exist; data.root must be the JPEG .npz file or its folder")
     cached = _npz_cache_path(path) if cache else None
     if cached is not None and cached.is_file():
-        with np.load(cached) as z:
-            return ArrayData(
-                z["train_images"], z["train_labels"], z["test_images"], z["test_labels"], [str(c) for c in z["classes"]]
-            )
+        try:
+            with np.load(cached) as z:
+                return ArrayData(
+                    z["train_images"],
+                    z["train_labels"],
+                    z["test_images"],
+                    z["test_labels"],
+                    [str(c) for c in z["classes"]],
+                )
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # a damaged cache (disk full, killed writer of an older version) is rebuilt from the source
     try:
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise DataError(f"{path} is not a readable .npz file ({err})") from None
     required = ["train_jpeg", "train_offsets", "train_labels", "test_jpeg", "test_offsets", "test_labels", "classes"]
     missing = [k for k in required if k not in arrays]
@@ -329,7 +406,8 @@ def _write_cache(path: Path, data: ArrayData) -> None:
     except OSError:
         pass  # a read-only cache folder only costs the decode next time
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. the cache "folder" is a file: there is no temporary file either
+            tmp.unlink(missing_ok=True)
 
 
 def write_jpeg_npz(path: str | Path, data: dict[str, np.ndarray]) -> None:

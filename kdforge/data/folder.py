@@ -71,6 +71,16 @@ def _random_resized_box(w: int, h: int, rng: random.Random, scale: tuple[float, 
 class ImageFolderDataset(Dataset):
     """Decodes one image per item; train: random-resized crop + flip, eval: resize + centre crop.
 
+    Args:
+        samples: ``[(path, label)]`` (from :func:`scan_folder`, possibly subset) or a split folder to scan.
+        image_size: output side ``S``.
+        train: random-resized crop + flip instead of resize + centre crop.
+        seed: base of the per-sample crop randomness.
+        scale: area share range of the random-resized crop.
+        classes: expected class names when ``samples`` is a folder (a validation split must match training).
+
+    Normalization is not done here: the loader normalizes whole batches on the training device.
+
     Items are requested as ``(index, epoch)`` pairs (by :class:`EpochSampler`) and returned as
     ``(uint8 [3, S, S], label, index, error)``; a file that cannot be read yields ``error`` = a message naming it,
     turned into a :class:`DataError` in the main process (one line, not a worker traceback).
@@ -78,14 +88,18 @@ class ImageFolderDataset(Dataset):
 
     def __init__(
         self,
-        samples: list[tuple[Path, int]],
+        samples: list[tuple[Path, int]] | str | Path,
         image_size: int,
         *,
         train: bool,
         seed: int = 0,
         scale: tuple[float, float] = (0.08, 1.0),
+        classes: list[str] | None = None,
     ) -> None:
+        if isinstance(samples, (str, Path)):
+            samples, classes = scan_folder(Path(samples), classes)
         self.samples, self.image_size, self.train, self.seed, self.scale = samples, image_size, train, seed, scale
+        self.classes = classes
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -266,10 +266,12 @@ def alpha_kd_loss(
     alpha_min: float = -1.0,
     alpha_max: float = 1.0,
     iw_clip: float | None = 5.0,
+    weights: Tensor | None = None,
 ) -> Tensor:
-    """``τ² · mean_b D(p_t ‖ p_s)`` with the adaptive (AlphaNet) or a fixed-α divergence; scalar float32.
+    """``τ² · mean_b w_b·D(p_t ‖ p_s)`` with the adaptive (AlphaNet) or a fixed-α divergence; scalar float32.
 
-    ``student_logits``/``teacher_logits`` are ``[B, C]``; the teacher side is a constant target.
+    ``student_logits``/``teacher_logits`` are ``[B, C]``; the teacher side is a constant target. ``weights`` ``[B]``
+    (constants) weight the samples; ``None`` means 1.
     """
     if mode == "adaptive":
         d = adaptive_alpha_divergence(teacher_logits, student_logits, alpha_min, alpha_max, temperature, iw_clip)
@@ -277,6 +279,8 @@ def alpha_kd_loss(
         d = alpha_divergence(teacher_logits, student_logits, alpha, temperature, iw_clip)
     else:
         raise ValueError(f"unknown alpha-divergence mode {mode!r}; choose adaptive or fixed")
+    if weights is not None:
+        d = d * weights.detach().float()
     return d.mean() * temperature**2
 
 

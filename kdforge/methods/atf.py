@@ -25,7 +25,7 @@ from kdforge.methods.teacher_tuning import BNPolicy, TeacherScope, TunedTeacherM
 from kdforge.registry import METHODS
 
 Anchor = Literal["kl", "l2", "none"]
-ReverseMode = Literal["adaptive", "fixed"]
+ReverseMode = Literal["confidence", "gap", "fixed"]
 
 
 @METHODS.register("atf")
@@ -43,10 +43,13 @@ class ATF(TunedTeacherMethod):
     receive only ``L_S`` gradients and the teacher's only ``L_T`` gradients, in one backward pass and one optimizer
     (the teacher in its own parameter group, ``teacher_lr_scale`` × the student's learning rate).
 
-    "Adaptive" reversed distillation (``reverse_mode=adaptive``): ``w = clip(D_t→s / D_ref, 0, 1)`` where
-    ``D_t→s`` is the current batch's teacher→student divergence and ``D_ref`` its exponential moving average
-    (``gap_momentum``) before this batch: the teacher moves toward the student in full when the gap is at least
-    as large as usual and less as the gap closes. ``fixed`` uses ``w = 1``.
+    Adaptive reversed distillation, ``w`` per sample: ``confidence`` (default) uses the student's own probability of
+    the true label, ``w_b = sg p_s(y_b)``: the teacher adapts toward the student where the student is right and
+    hardly at all while it is still guessing. ``gap`` uses ``w = clip(D_t→s / D_ref, 0, 1)`` with ``D_ref`` the
+    moving average (``gap_momentum``) of the teacher→student divergence before this batch; ``fixed`` uses ``w = 1``.
+    The defaults (fixed α = 0.5, ``confidence``, teacher BN in train mode) were chosen by the measurements in
+    ``docs/methods/atf.md``: the AlphaNet-adaptive divergence, the gap weight and frozen teacher BN statistics
+    each did worse there.
 
     Shadow variant (``variant=shadow``, SHAKE-style and cheap): the teacher stays frozen; a shadow head on its last
     three stages, read out through the frozen teacher classifier, plays the tuned teacher: the student distills
@@ -60,13 +63,13 @@ class ATF(TunedTeacherMethod):
         temperature: τ applied after normalization.
         logit_norm: ``layernorm`` (SHAKE's ``LN(z)·κ``), ``zscore`` (logit standardization) or ``none``.
         ln_scale: κ of ``layernorm``.
-        divergence: ``adaptive`` (AlphaNet: per-sample max over α− and α+) or ``fixed`` (α = ``alpha``).
+        divergence: ``fixed`` (α = ``alpha``) or ``adaptive`` (AlphaNet: per-sample max over α− and α+).
         alpha, alpha_min, alpha_max, iw_clip: the α-divergence's parameters (iw_clip ``None`` = no clamp).
         ce_weight: λ_ce.
         kd_weight: λ_kd.
         teacher_ce_weight: λ_tce.
         reverse_weight: λ_rev.
-        reverse_mode: ``adaptive`` (gap-driven ``w``) or ``fixed``.
+        reverse_mode: ``confidence``, ``gap`` or ``fixed`` (see above).
         gap_momentum: EMA momentum of ``D_ref``.
         anchor: ``kl``, ``l2`` or ``none``.
         anchor_weight: λ_anc.
@@ -87,7 +90,7 @@ class ATF(TunedTeacherMethod):
         temperature: float = 4.0,
         logit_norm: LogitNorm = "layernorm",
         ln_scale: float = math.pi,
-        divergence: AlphaMode = "adaptive",
+        divergence: AlphaMode = "fixed",
         alpha: float = 0.5,
         alpha_min: float = -1.0,
         alpha_max: float = 1.0,
@@ -96,12 +99,12 @@ class ATF(TunedTeacherMethod):
         kd_weight: float = 1.0,
         teacher_ce_weight: float = 1.0,
         reverse_weight: float = 1.0,
-        reverse_mode: ReverseMode = "adaptive",
+        reverse_mode: ReverseMode = "confidence",
         gap_momentum: float = 0.9,
         anchor: Anchor = "kl",
         anchor_weight: float = 1.0,
         teacher_lr_scale: float = 0.1,
-        teacher_bn: BNPolicy = "eval",
+        teacher_bn: BNPolicy = "train",
         teacher_scope: TeacherScope = "all",
         teacher_start: float = 0.0,
         teacher_stop: float = 1.0,
@@ -158,8 +161,8 @@ class ATF(TunedTeacherMethod):
     def _norm(self, z: Tensor) -> Tensor:
         return normalize_logits(z, self.logit_norm, self.ln_scale)
 
-    def _div(self, target: Tensor, model: Tensor) -> Tensor:
-        """``τ²·D(softmax(target/τ) ‖ softmax(model/τ))`` on normalized logits; ``target`` is detached."""
+    def _div(self, target: Tensor, model: Tensor, weights: Tensor | None = None) -> Tensor:
+        """``τ²·mean_b w_b·D(softmax(target/τ) ‖ softmax(model/τ))`` on normalized logits; ``target`` is detached."""
         return alpha_kd_loss(
             model,
             target.detach(),
@@ -169,7 +172,17 @@ class ATF(TunedTeacherMethod):
             self.alpha_min,
             self.alpha_max,
             self.iw_clip,
+            weights,
         )
+
+    def _reverse(self, gap: Tensor, logits_s: Tensor, y: Tensor, n_s: Tensor, n_t: Tensor) -> Tensor:
+        """The reversed-distillation term ``τ²·mean_b w_b·D(sg p̃_s ‖ p̃_t)`` under ``reverse_mode``."""
+        if self.reverse_mode == "confidence":
+            # The student's own probability of the true label: the teacher adapts toward the student where the
+            # student is right, and hardly at all while it is still guessing (p ≈ 1/K at the start).
+            conf = logits_s.detach().float().softmax(dim=1).gather(1, y[:, None]).squeeze(1)
+            return self._div(n_s, n_t, conf)
+        return self._reverse_factor(gap) * self._div(n_s, n_t)
 
     def _reverse_factor(self, gap: Tensor) -> Tensor:
         if self.reverse_mode == "fixed":
@@ -199,7 +212,7 @@ class ATF(TunedTeacherMethod):
         loss = ce + kd
         if active:
             t_ce = self.teacher_ce_weight * cross_entropy(logits_t, y)
-            rev = self.reverse_weight * self._reverse_factor(gap) * self._div(n_s, n_t)
+            rev = self.reverse_weight * self._reverse(gap, logits_s, y, n_s, n_t)
             losses.update({"t_ce": t_ce, "rev": rev})
             loss = loss + t_ce + rev
             if self.anchor != "none":
@@ -225,7 +238,7 @@ class ATF(TunedTeacherMethod):
         gap = self._div(n_h, n_s)
         kd = self.kd_weight * gap
         h_ce = self.teacher_ce_weight * cross_entropy(logits_h, y)
-        rev = self.reverse_weight * self._reverse_factor(gap) * self._div(n_s, n_h)
+        rev = self.reverse_weight * self._reverse(gap, logits_s, y, n_s, n_h)
         if self.anchor == "kl":
             anc = kd_loss(n_h, self._norm(feats_t.logits), self.temperature)
         elif self.anchor == "l2":

@@ -46,7 +46,7 @@ class BilateralKD(TunedTeacherMethod):
         teacher_ce_weight: float = 1.0,
         reverse_weight: float = 0.3,
         teacher_lr_scale: float = 0.1,
-        teacher_bn: BNPolicy = "eval",
+        teacher_bn: BNPolicy = "train",
         teacher_scope: TeacherScope = "all",
         teacher_start: float = 0.0,
         teacher_stop: float = 1.0,

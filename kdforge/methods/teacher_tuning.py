@@ -52,7 +52,7 @@ class TunedTeacherMethod(Method):
         *,
         tune_teacher: bool = True,
         teacher_lr_scale: float = 0.1,
-        teacher_bn: BNPolicy = "eval",
+        teacher_bn: BNPolicy = "train",
         teacher_scope: TeacherScope = "all",
         teacher_start: float = 0.0,
         teacher_stop: float = 1.0,
@@ -100,8 +100,16 @@ class TunedTeacherMethod(Method):
         assert self.tuned_teacher is not None
         if active:
             return self.tuned_teacher(x)
-        with torch.no_grad():
-            return self.tuned_teacher(x)
+        # Outside the update window the teacher must not change at all: no gradient, and no BN statistics
+        # either (a train-mode forward would move them), so it runs in eval mode.
+        was_training = self.tuned_teacher.training
+        self.tuned_teacher.eval()
+        try:
+            with torch.no_grad():
+                return self.tuned_teacher(x)
+        finally:
+            if was_training:
+                self.train(True)
 
     def anchor_l2(self) -> Tensor:
         """``Σ ‖θ_t − θ_t0‖²`` over the tuned teacher's trainable parameters (ATSC's weight anchor)."""

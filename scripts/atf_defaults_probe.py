@@ -1,0 +1,58 @@
+"""How ATF's defaults were chosen: short ATF variants against KD from the same teacher (docs/methods/atf.md).
+
+Needs a teacher trained by ``kdforge demo`` (``runs/demo/teacher/model.pt``: resnet20 on the embedded subset).
+
+    kdforge demo --out runs/demo
+    python scripts/atf_defaults_probe.py --teacher runs/demo/teacher/model.pt --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from kdforge.data import build_data
+from kdforge.engine.env import seed_everything
+from kdforge.engine.loop import fit
+from kdforge.methods import create_method
+from kdforge.models import create_model, load_weights
+
+VARIANTS = {
+    "kd (tau 4, CE .5, KD .5)": ("kd", {"ce_weight": 0.5, "kd_weight": 0.5}),
+    "atf frozen teacher, KL": ("atf", {"teacher_stop": 0.0, "divergence": "fixed", "alpha": 1.0}),
+    "atf frozen teacher, adaptive": ("atf", {"teacher_stop": 0.0, "divergence": "adaptive"}),
+    "atf teacher BN eval, gap weight, adaptive": (
+        "atf",
+        {"teacher_bn": "eval", "reverse_mode": "gap", "divergence": "adaptive"},
+    ),
+    "atf teacher BN train, gap weight, adaptive": ("atf", {"reverse_mode": "gap", "divergence": "adaptive"}),
+    "atf confidence weight, adaptive": ("atf", {"divergence": "adaptive"}),
+    "atf confidence weight, KL (alpha 1)": ("atf", {"divergence": "fixed", "alpha": 1.0}),
+    "atf defaults (confidence weight, alpha 0.5)": ("atf", {}),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", default="runs/demo/teacher/model.pt")
+    p.add_argument("--epochs", type=int, default=3)
+    args = p.parse_args()
+    data = build_data("embedded", batch_size=128, eval_batch_size=500)
+    for name, (method, params) in VARIANTS.items():
+        seed_everything(0)
+        teacher = load_weights(create_model("resnet20", num_classes=10), args.teacher)
+        m = create_method(method, create_model("resnet8", num_classes=10), teacher, **params)
+        t = time.time()
+        r = fit(
+            m,
+            data,
+            train={"epochs": args.epochs, "progress": False, "seed": 0},
+            optim={"lr": 0.1, "nesterov": True},
+            schedule={"name": "cosine", "warmup_epochs": 0.5},
+        )
+        curve = [(h.get("test_top1"), h.get("teacher_top1")) for h in r.history]
+        print(f"{name}: (student, tuned teacher) top-1 per epoch {curve}  {time.time() - t:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
