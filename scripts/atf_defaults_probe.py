@@ -28,6 +28,8 @@ VARIANTS = {
     "atf teacher BN train, gap weight, adaptive": ("atf", {"reverse_mode": "gap", "divergence": "adaptive"}),
     "atf confidence weight, adaptive": ("atf", {"divergence": "adaptive"}),
     "atf confidence weight, KL (alpha 1)": ("atf", {"divergence": "fixed", "alpha": 1.0}),
+    "atf gap weight, alpha 0.5": ("atf", {"reverse_mode": "gap"}),
+    "atf fixed weight, alpha 0.5": ("atf", {"reverse_mode": "fixed"}),
     "atf defaults (confidence weight, alpha 0.5)": ("atf", {}),
 }
 
@@ -36,22 +38,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default="runs/demo/teacher/model.pt")
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--only", nargs="+", default=None, help="substrings: run only the variants whose name has one")
     args = p.parse_args()
+    variants = {k: v for k, v in VARIANTS.items() if args.only is None or any(o in k for o in args.only)}
     data = build_data("embedded", batch_size=128, eval_batch_size=500)
-    for name, (method, params) in VARIANTS.items():
-        seed_everything(0)
+    for (name, (method, params)), seed in ((v, s) for v in variants.items() for s in args.seeds):
+        seed_everything(seed)
         teacher = load_weights(create_model("resnet20", num_classes=10), args.teacher)
         m = create_method(method, create_model("resnet8", num_classes=10), teacher, **params)
         t = time.time()
         r = fit(
             m,
             data,
-            train={"epochs": args.epochs, "progress": False, "seed": 0},
+            train={"epochs": args.epochs, "progress": False, "seed": seed},
             optim={"lr": 0.1, "nesterov": True},
             schedule={"name": "cosine", "warmup_epochs": 0.5},
         )
         curve = [(h.get("test_top1"), h.get("teacher_top1")) for h in r.history]
-        print(f"{name}: (student, tuned teacher) top-1 per epoch {curve}  {time.time() - t:.0f} s", flush=True)
+        print(
+            f"{name} [seed {seed}]: (student, tuned teacher) top-1 per epoch {curve}  {time.time() - t:.0f} s",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

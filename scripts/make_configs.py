@@ -107,6 +107,12 @@ CIFAR_METHODS: dict[str, tuple[str, Any]] = {
     ),
 }
 JDA_METHODS = {"ccd", "kd_jda"}
+# Registered methods with no teacher-student config per standard pair, and why (tests/test_configs_files.py reads
+# this; every other method must have all twelve CIFAR-100 pairs and the ImageNet R34->R18 config).
+NO_STANDARD_PAIRS: dict[str, str] = {
+    "vanilla": "trains teachers and student baselines (configs/cifar100/teachers)",
+    "dml": "teacher-less: configs/cifar100/dml/<student>.yaml",
+}
 
 
 def _flow(value: Any) -> str:

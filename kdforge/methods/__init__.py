@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 from typing import Any
 
 from torch import nn
 
 from kdforge.config import CONTEXT_ARGS, check_method_params
 from kdforge.errors import ConfigError
-from kdforge.methods import alpha_kd, atf, bilateral, ccd, dkd, dml, kd, vanilla  # noqa: F401  (registration)
 from kdforge.methods.base import Method, Progress, StepOutput
 from kdforge.registry import METHODS
+
+# Every module of this package registers its method when imported; importing them all here means a new method is
+# one new file, with no list to keep in sync.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def list_methods() -> list[dict[str, Any]]:

@@ -73,6 +73,31 @@ def run_stage(stage: Iterable[nn.Module], x: Tensor) -> tuple[Tensor, Tensor]:
     return F.relu(pre), pre
 
 
+def run_stem_and_stages(
+    stem_pre: Tensor, stages: Iterable[Iterable[nn.Module]], after_stem: nn.Module | None = None
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Runs the post-stem ReLU and the stages, recording every stage map and its pre-activation.
+
+    Args:
+        stem_pre: the stem's pre-activation (conv + BN output) ``[B, C, H, W]``.
+        stages: the stages in order, each run by :func:`run_stage`.
+        after_stem: applied to the stem map before the first stage without being recorded (the ImageNet max-pool).
+
+    Returns:
+        ``(out, feats, preacts)``: the last stage's output and the lists ``[stem, stage 1, ...]`` of maps and
+        pre-activations.
+    """
+    out = F.relu(stem_pre)
+    feats, preacts = [out], [stem_pre]
+    if after_stem is not None:
+        out = after_stem(out)
+    for stage in stages:
+        out, pre = run_stage(stage, out)
+        feats.append(out)
+        preacts.append(pre)
+    return out, feats, preacts
+
+
 def init_conv_bn(model: nn.Module) -> None:
     """Reference init: Kaiming-normal (fan-out) convolutions, BatchNorm/GroupNorm weight 1 and bias 0."""
     for m in model.modules():

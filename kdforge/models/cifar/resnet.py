@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdforge.models.base import KDModel, init_conv_bn, run_stage
+from kdforge.models.base import KDModel, init_conv_bn, run_stem_and_stages
 from kdforge.models.features import FeatureInfo, Features
 from kdforge.registry import MODELS
 
@@ -107,13 +107,8 @@ class CifarResNet(KDModel):
 
     def forward_features(self, x: Tensor) -> Features:
         """Args: ``x`` ``[B, 3, 32, 32]``. Returns stem and three stage maps (strides 1, 1, 2, 4)."""
-        pre = self.bn1(self.conv1(x))
-        out = F.relu(pre)
-        feats, preacts = [out], [pre]
-        for stage in (self.layer1, self.layer2, self.layer3):
-            out, pre = run_stage(stage, out)
-            feats.append(out)
-            preacts.append(pre)
+        stages = (self.layer1, self.layer2, self.layer3)
+        out, feats, preacts = run_stem_and_stages(self.bn1(self.conv1(x)), stages)
         pooled = self.avgpool(out).flatten(1)
         return Features(logits=self.fc(pooled), feats=feats, preact_feats=preacts, pooled=pooled)
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdforge.models.base import KDModel, run_stage
+from kdforge.models.base import KDModel, run_stem_and_stages
 from kdforge.models.features import FeatureInfo, Features
 from kdforge.registry import MODELS
 
@@ -117,13 +117,8 @@ class ShuffleNetV1(KDModel):
 
     def forward_features(self, x: Tensor) -> Features:
         """Args: ``x`` ``[B, 3, 32, 32]``. Returns stem + three stage maps (strides 1, 2, 4, 8)."""
-        pre = self.bn1(self.conv1(x))
-        out = F.relu(pre)
-        feats, preacts = [out], [pre]
-        for stage in (self.layer1, self.layer2, self.layer3):
-            out, pre = run_stage(stage, out)
-            feats.append(out)
-            preacts.append(pre)
+        stages = (self.layer1, self.layer2, self.layer3)
+        out, feats, preacts = run_stem_and_stages(self.bn1(self.conv1(x)), stages)
         pooled = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
         return Features(logits=self.linear(pooled), feats=feats, preact_feats=preacts, pooled=pooled)
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdforge.models.base import KDModel, run_stage
+from kdforge.models.base import KDModel, run_stem_and_stages
 from kdforge.models.cifar.shufflenetv1 import ShuffleBlock
 from kdforge.models.features import FeatureInfo, Features
 from kdforge.registry import MODELS
@@ -150,13 +150,8 @@ class ShuffleNetV2(KDModel):
 
     def forward_features(self, x: Tensor) -> Features:
         """Args: ``x`` ``[B, 3, 32, 32]``. Returns stem + three stage maps (strides 1, 2, 4, 8)."""
-        pre = self.bn1(self.conv1(x))
-        out = F.relu(pre)
-        feats, preacts = [out], [pre]
-        for stage in (self.layer1, self.layer2, self.layer3):
-            out, pre = run_stage(stage, out)
-            feats.append(out)
-            preacts.append(pre)
+        stages = (self.layer1, self.layer2, self.layer3)
+        out, feats, preacts = run_stem_and_stages(self.bn1(self.conv1(x)), stages)
         head = F.relu(self.bn2(self.conv2(out)))
         pooled = torch.flatten(F.adaptive_avg_pool2d(head, 1), 1)
         return Features(logits=self.linear(pooled), feats=feats, preact_feats=preacts, pooled=pooled)

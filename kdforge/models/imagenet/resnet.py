@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdforge.models.base import KDModel, init_conv_bn, run_stage
+from kdforge.models.base import KDModel, init_conv_bn, run_stem_and_stages
 from kdforge.models.cifar.resnet import BasicBlock, make_downsample
 from kdforge.models.features import FeatureInfo, Features
 from kdforge.registry import MODELS
@@ -98,14 +98,8 @@ class ImageNetResNet(KDModel):
 
     def forward_features(self, x: Tensor) -> Features:
         """Args: ``x`` ``[B, 3, 224, 224]``. Returns stem + four stage maps (strides 2, 4, 8, 16, 32)."""
-        pre = self.bn1(self.conv1(x))
-        out = F.relu(pre)
-        feats, preacts = [out], [pre]
-        out = self.maxpool(out)
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            out, pre = run_stage(stage, out)
-            feats.append(out)
-            preacts.append(pre)
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        out, feats, preacts = run_stem_and_stages(self.bn1(self.conv1(x)), stages, after_stem=self.maxpool)
         pooled = torch.flatten(self.avgpool(out), 1)
         return Features(logits=self.fc(pooled), feats=feats, preact_feats=preacts, pooled=pooled)
 
