@@ -26,11 +26,11 @@ VARIANTS = {
         {"teacher_bn": "eval", "reverse_mode": "gap", "divergence": "adaptive"},
     ),
     "atf teacher BN train, gap weight, adaptive": ("atf", {"reverse_mode": "gap", "divergence": "adaptive"}),
-    "atf confidence weight, adaptive": ("atf", {"divergence": "adaptive"}),
-    "atf confidence weight, KL (alpha 1)": ("atf", {"divergence": "fixed", "alpha": 1.0}),
-    "atf gap weight, alpha 0.5": ("atf", {"reverse_mode": "gap"}),
+    "atf confidence weight, adaptive": ("atf", {"divergence": "adaptive", "reverse_mode": "confidence"}),
+    "atf confidence weight, KL (alpha 1)": ("atf", {"alpha": 1.0, "reverse_mode": "confidence"}),
     "atf fixed weight, alpha 0.5": ("atf", {"reverse_mode": "fixed"}),
-    "atf defaults (confidence weight, alpha 0.5)": ("atf", {}),
+    "atf confidence weight, alpha 0.5": ("atf", {"reverse_mode": "confidence"}),
+    "atf defaults (gap weight, alpha 0.5)": ("atf", {}),
 }
 
 

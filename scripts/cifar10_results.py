@@ -27,7 +27,16 @@ METHODS: dict[str, dict[str, Any]] = {
     "kd": {"name": "kd", "temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9},
     "dkd": {"name": "dkd", "ce_weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0},
     "ls_kd": {"name": "ls_kd", "temperature": 2.0, "ce_weight": 0.1, "kd_weight": 9.0},
-    "atf": {"name": "atf", "variant": "full", "temperature": 4.0, "logit_norm": "layernorm"},
+    "atf": {
+        "name": "atf",
+        "variant": "full",
+        "temperature": 4.0,
+        "logit_norm": "layernorm",
+        "divergence": "fixed",
+        "alpha": 0.5,
+        "reverse_mode": "gap",
+        "teacher_bn": "train",
+    },
 }
 LABELS = {"vanilla": "student alone", "kd": "KD", "dkd": "DKD", "ls_kd": "LS-KD", "atf": "ATF"}
 

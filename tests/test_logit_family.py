@@ -317,7 +317,9 @@ def test_atf_anchor_modes(tiny_net):
 
 
 def test_atf_confidence_weighted_reverse_term(tiny_net):
-    method = create_method("atf", tiny_net(seed=0), tiny_net(seed=1), divergence="fixed", alpha=1.0)
+    method = create_method(
+        "atf", tiny_net(seed=0), tiny_net(seed=1), divergence="fixed", alpha=1.0, reverse_mode="confidence"
+    )
     method.eval()
     batch = _batch()
     out = method(batch, PROGRESS)

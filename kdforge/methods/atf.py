@@ -25,7 +25,7 @@ from kdforge.methods.teacher_tuning import BNPolicy, TeacherScope, TunedTeacherM
 from kdforge.registry import METHODS
 
 Anchor = Literal["kl", "l2", "none"]
-ReverseMode = Literal["confidence", "gap", "fixed"]
+ReverseMode = Literal["gap", "confidence", "fixed"]
 
 
 @METHODS.register("atf")
@@ -43,13 +43,13 @@ class ATF(TunedTeacherMethod):
     receive only ``L_S`` gradients and the teacher's only ``L_T`` gradients, in one backward pass and one optimizer
     (the teacher in its own parameter group, ``teacher_lr_scale`` × the student's learning rate).
 
-    Adaptive reversed distillation, ``w`` per sample: ``confidence`` (default) uses the student's own probability of
-    the true label, ``w_b = sg p_s(y_b)``: the teacher adapts toward the student where the student is right and
-    hardly at all while it is still guessing. ``gap`` uses ``w = clip(D_t→s / D_ref, 0, 1)`` with ``D_ref`` the
-    moving average (``gap_momentum``) of the teacher→student divergence before this batch; ``fixed`` uses ``w = 1``.
-    The defaults (fixed α = 0.5, ``confidence``, teacher BN in train mode) were chosen by the measurements in
-    ``docs/methods/atf.md``: the AlphaNet-adaptive divergence, the gap weight and frozen teacher BN statistics
-    each did worse there.
+    Adaptive reversed distillation (``reverse_mode``): ``gap`` (default, METHODS.md §3.1) weights the batch by the
+    current teacher–student gap, ``w = clip(D_t→s / D_ref, 0, 1)`` with ``D_ref`` the moving average
+    (``gap_momentum``) of the teacher→student divergence before this batch; ``confidence`` weights each sample by
+    the student's own probability of the true label, ``w_b = sg p_s(y_b)`` (the teacher adapts where the student is
+    right); ``fixed`` uses ``w = 1``. Fixed α = 0.5 and teacher BN in train mode replace the specification's
+    AlphaNet-adaptive divergence and frozen BN statistics as defaults because of the measurements in
+    ``docs/methods/atf.md`` (the adaptive divergence cost 5–8 points; frozen statistics collapsed the teacher).
 
     Shadow variant (``variant=shadow``, SHAKE-style and cheap): the teacher stays frozen; a shadow head on its last
     three stages, read out through the frozen teacher classifier, plays the tuned teacher: the student distills
@@ -69,7 +69,7 @@ class ATF(TunedTeacherMethod):
         kd_weight: λ_kd.
         teacher_ce_weight: λ_tce.
         reverse_weight: λ_rev.
-        reverse_mode: ``confidence``, ``gap`` or ``fixed`` (see above).
+        reverse_mode: ``gap``, ``confidence`` or ``fixed`` (see above).
         gap_momentum: EMA momentum of ``D_ref``.
         anchor: ``kl``, ``l2`` or ``none``.
         anchor_weight: λ_anc.
@@ -99,7 +99,7 @@ class ATF(TunedTeacherMethod):
         kd_weight: float = 1.0,
         teacher_ce_weight: float = 1.0,
         reverse_weight: float = 1.0,
-        reverse_mode: ReverseMode = "confidence",
+        reverse_mode: ReverseMode = "gap",
         gap_momentum: float = 0.9,
         anchor: Anchor = "kl",
         anchor_weight: float = 1.0,
