@@ -63,4 +63,45 @@ class ShadowHead(nn.Module):
         return F.linear(x, weight.detach(), None if bias is None else bias.detach())
 
 
-__all__ = ["ShadowHead", "conv_bn_relu"]
+class ConvReg(nn.Module):
+    """FitNets regressor ``r``: student map → teacher hint shape, then BN and (by default) ReLU.
+
+    RepDistiller ``models/util.py:ConvReg`` (also mdistiller ``distillers/FitNet.py``), planned from strides instead
+    of a dummy forward: the same resolution → 1×1 conv; a student map twice as large → 3×3 conv, stride 2; half as
+    large → 4×4 transposed conv, stride 2. The convolutions keep their bias, as in the reference.
+
+    Args:
+        in_channels: student channels at the guided layer.
+        out_channels: teacher channels at the hint layer.
+        in_stride: stride of the student map relative to the input.
+        out_stride: stride of the teacher map.
+        use_relu: apply the final ReLU (the reference default).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, in_stride: int, out_stride: int, use_relu: bool = True):
+        super().__init__()
+        if in_stride == out_stride:
+            self.conv: nn.Module = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+        elif 2 * in_stride == out_stride:
+            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1)
+        elif in_stride == 2 * out_stride:
+            self.conv = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1)
+        else:
+            raise ValueError(
+                f"FitNets regressor: student stride {in_stride} and teacher stride {out_stride} differ by more than "
+                "a factor 2; pick a hint layer of closer resolution (method.hint_layer)"
+            )
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.use_relu = use_relu
+
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """``x [B, C_s, H_s, W_s]`` → ``[B, C_t, H_t, W_t]``; ``size`` = the teacher map's ``(H_t, W_t)``."""
+        x = self.conv(x)
+        if size is not None and tuple(x.shape[-2:]) != tuple(size):
+            # Odd input sizes round differently in the two networks (7 vs. 2·4); the reference needs equal shapes.
+            x = F.adaptive_avg_pool2d(x, size)
+        x = self.bn(x)
+        return F.relu(x) if self.use_relu else x
+
+
+__all__ = ["ConvReg", "ShadowHead", "conv_bn_relu"]

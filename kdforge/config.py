@@ -465,8 +465,8 @@ def validate(cfg: RunConfig, command: Literal["train", "distill"] = "distill") -
 
     if command == "train":
         _require(
-            cfg.method.name == "vanilla",
-            f"`kdforge train` trains without a teacher (method vanilla); use `kdforge distill` for "
+            not getattr(method_cls, "needs_teacher", True),
+            f"`kdforge train` trains without a teacher (methods vanilla, purf, dml); use `kdforge distill` for "
             f"method '{cfg.method.name}'",
         )
     if getattr(method_cls, "needs_teacher", False):

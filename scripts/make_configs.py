@@ -45,6 +45,18 @@ def _dkd_beta(teacher: str) -> float:
     return 8.0
 
 
+# ATF's settings are written out in full so a config keeps its meaning if a default changes.
+ATF_DEFAULTS: dict[str, Any] = {
+    "temperature": 4.0,
+    "logit_norm": "layernorm",
+    "divergence": "fixed",
+    "alpha": 0.5,
+    "reverse_mode": "gap",
+    "anchor": "kl",
+    "teacher_lr_scale": 0.1,
+    "teacher_bn": "train",
+}
+
 # Each entry: a one-line source comment and a function (teacher, student) -> method params.
 CIFAR_METHODS: dict[str, tuple[str, Any]] = {
     "kd": (
@@ -84,9 +96,9 @@ CIFAR_METHODS: dict[str, tuple[str, Any]] = {
         lambda t, s: {"name": "alpha_kd", "temperature": 4.0, "ce_weight": 1.0, "kd_weight": 1.0},
     ),
     "atf": (
-        "ATF (reconstructed, METHODS.md 3.1): full variant, LN(z)*pi logits at tau 4, adaptive alpha-divergence, "
-        "teacher lr 0.1x, BN eval, KL anchor.",
-        lambda t, s: {"name": "atf", "variant": "full", "temperature": 4.0, "logit_norm": "layernorm"},
+        "ATF (reconstructed, METHODS.md 3.1; defaults measured in docs/methods/atf.md): full variant, LN(z)*pi "
+        "logits at tau 4, fixed alpha 0.5, gap-driven reversed weight, teacher lr 0.1x, BN train, KL anchor.",
+        lambda t, s: {"name": "atf", "variant": "full", **ATF_DEFAULTS},
     ),
     "atf_shadow": (
         "ATF cheap variant (reconstructed): SHAKE-style shadow head on the frozen teacher, tau 4, LN(z)*pi.",
@@ -105,6 +117,74 @@ CIFAR_METHODS: dict[str, tuple[str, Any]] = {
         "KD + JDA, the CCD paper's baseline (liwei-group/CCD losses/KD.py): same recipe as ccd.",
         lambda t, s: {"name": "kd_jda", "temperature": 4.0, "ce_ratio": 0.5, "kd_weight": 2.0},
     ),
+    "fitnet": (
+        "FitNets: hint layer 2, CE 1, hint 100 (RepDistiller --distill hint -b 100 --hint_layer 2; mdistiller FITNET).",
+        lambda t, s: {"name": "fitnet", "hint_layer": 2, "ce_weight": 1.0, "hint_weight": 100.0},
+    ),
+    "at": (
+        "Attention transfer: p 2, CE 1, AT 1000 over every stage (RepDistiller -b 1000; mdistiller AT).",
+        lambda t, s: {"name": "at", "p": 2.0, "ce_weight": 1.0, "at_weight": 1000.0},
+    ),
+    "rkd": (
+        "RKD on pooled features: distance 25, angle 50, CE 1 (RepDistiller RKDLoss, -b 1; mdistiller RKD).",
+        lambda t, s: {"name": "rkd", "ce_weight": 1.0, "distance_weight": 25.0, "angle_weight": 50.0},
+    ),
+    "crd": (
+        "CRD: CE 1, CRD 0.8, feat 128, K 16384, tau 0.07, momentum 0.5, exact mode (RepDistiller; mdistiller CRD).",
+        lambda t, s: {
+            "name": "crd",
+            "ce_weight": 1.0,
+            "crd_weight": 0.8,
+            "feat_dim": 128,
+            "nce_k": 16384,
+            "temperature": 0.07,
+            "momentum": 0.5,
+            "mode": "exact",
+        },
+    ),
+    "aft_kd": (
+        "AFT-KD (reconstructed, METHODS.md 3.2): a block per stage, AT 1000, gated AFB 1, KD tau 4, CE 1, DWA T 2.",
+        lambda t, s: {
+            "name": "aft_kd",
+            "temperature": 4.0,
+            "ce_weight": 1.0,
+            "att_weight": 1000.0,
+            "feat_weight": 1.0,
+            "kd_weight": 1.0,
+            "afb_form": "gate",
+            "adaptive": True,
+        },
+    ),
+    "triplet_kd": (
+        "Triplet KD (i13abe/Triplet-Loss-for-Knowledge-Distillation): KL tau 1, CE 1, triplet 2, margin 5 (the "
+        "authors' recipe is CIFAR-10 only).",
+        lambda t, s: {
+            "name": "triplet_kd",
+            "temperature": 1.0,
+            "kd_weight": 1.0,
+            "ce_weight": 1.0,
+            "triplet_weight": 2.0,
+            "margin": 5.0,
+        },
+    ),
+    "amkd": (
+        "AMKD (reconstructed, METHODS.md 3.5): BSS attack and KD weights, tau 3; triplet 2, margin 5 (no recipe "
+        "on these pairs).",
+        lambda t, s: {
+            "name": "amkd",
+            "temperature": 3.0,
+            "ce_weight": 1.0,
+            "kd_weight_start": 4.0,
+            "kd_weight_end": 1.0,
+            "adv_weight": 2.0,
+            "adv_until": 0.75,
+            "triplet_weight": 2.0,
+            "margin": 5.0,
+            "attack_size": 64,
+            "attack_steps": 10,
+            "step_size": 0.3,
+        },
+    ),
 }
 JDA_METHODS = {"ccd", "kd_jda"}
 # Registered methods with no teacher-student config per standard pair, and why (tests/test_configs_files.py reads
@@ -112,6 +192,7 @@ JDA_METHODS = {"ccd", "kd_jda"}
 NO_STANDARD_PAIRS: dict[str, str] = {
     "vanilla": "trains teachers and student baselines (configs/cifar100/teachers)",
     "dml": "teacher-less: configs/cifar100/dml/<student>.yaml",
+    "purf": "teacher smoothing: configs/cifar100/purf/<teacher>.yaml, then any method from the smoothed teacher",
 }
 
 
@@ -189,6 +270,41 @@ def dml_config(student: str) -> str:
     return _render(comments, sections)
 
 
+# PURF (reconstructed, METHODS.md 3.8) smooths the teachers of the standard pairs, in PAIRS order.
+PURF_TEACHERS = list(dict.fromkeys(t for t, _ in PAIRS))
+PURF_PARAMS: dict[str, Any] = {
+    "name": "purf",
+    "lip_weight": 1.0e-4,
+    "lip_penalty": "sum",
+    "spectral_mode": "operator",
+    "cons_weight": 1.0,
+    "cons_rampup": 0.3,
+    "smooth_weight": 0.1,
+    "noise_std": 0.05,
+}
+
+
+def purf_config(teacher: str) -> str:
+    comments = [
+        "PURF teacher smoothing (reconstructed, METHODS.md 3.8; docs/methods/purf.md): CE + spectral-norm penalty +",
+        "two-view consistency ramped over the first 30% + feature smoothness under N(0, 0.05^2) input noise, with the",
+        "teacher recipe of configs/cifar100/vanilla (BENCHMARKS.md 1.4). No teacher: it trains one.",
+        f"kdforge train --config configs/cifar100/purf/{teacher}.yaml --out runs/cifar100/purf/{teacher}",
+        "Then any method from the smoothed teacher, e.g.",
+        f"kdforge distill --config configs/cifar100/kd/{teacher}_<student>.yaml \\",
+        f"  teacher.checkpoint=runs/cifar100/purf/{teacher} --out runs/cifar100/kd_purf/{teacher}_<student>",
+    ]
+    sections = {
+        "model": {"name": teacher},
+        "method": PURF_PARAMS,
+        "data": {"name": "cifar100", "root": "data/cifar", "download": True, "batch_size": 64},
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5.0e-4},
+        "schedule": {"name": "multistep", "milestones": [150, 180, 210], "gamma": 0.1},
+        "train": {"epochs": 240, "seed": 0},
+    }
+    return _render(comments, sections)
+
+
 IMAGENET_DATA = {
     "name": "imagenet",
     "root": "data/imagenet",
@@ -216,15 +332,71 @@ IMAGENET_METHODS: dict[str, tuple[list[str], dict[str, Any]]] = {
     ),
     "atf": (
         [
-            "ATF (reconstructed): full variant, LN(z)*pi at tau 4, teacher lr 0.1x (0.02), BN eval; the weight",
-            "anchor with ATSC's ImageNet weight 10 (METHODS.md 3.1).",
+            "ATF (reconstructed): full variant, LN(z)*pi at tau 4, fixed alpha 0.5, gap-driven reversed weight,",
+            "teacher lr 0.1x (0.02), BN train; the weight anchor with ATSC's ImageNet weight 10 (METHODS.md 3.1).",
         ],
-        {"name": "atf", "variant": "full", "temperature": 4.0, "anchor": "l2", "anchor_weight": 10.0},
+        {"name": "atf", "variant": "full", **ATF_DEFAULTS, "anchor": "l2", "anchor_weight": 10.0},
     ),
     "bilateral": (
         ["Bilateral KD (reconstructed): tau 4, lambda 1, mu 0.3, teacher lr 0.1x."],
         {"name": "bilateral", "temperature": 4.0, "kd_weight": 1.0, "reverse_weight": 0.3},
     ),
+    "fitnet": (
+        [
+            "FitNets: hint layer 2 (layer2, stride 8), CE 1, hint 100. No published R34->R18 recipe (mdistiller has",
+            "no ImageNet FitNet config): the CIFAR-100 weights.",
+        ],
+        {"name": "fitnet", "hint_layer": 2, "ce_weight": 1.0, "hint_weight": 100.0},
+    ),
+    "at": (
+        ["Attention transfer (mdistiller configs/imagenet/r34_r18/at.yaml): p 2, CE 1, AT 1000, layer1-layer4."],
+        {"name": "at", "p": 2.0, "ce_weight": 1.0, "at_weight": 1000.0},
+    ),
+    "rkd": (
+        [
+            "RKD: distance 25, angle 50, CE 1 on the 512-d pooled features. No published R34->R18 recipe (mdistiller",
+            "has no ImageNet RKD config): the CIFAR-100 weights; the angle term holds B^2*512 floats (B = 512).",
+        ],
+        {"name": "rkd", "ce_weight": 1.0, "distance_weight": 25.0, "angle_weight": 50.0},
+    ),
+    "crd": (
+        [
+            "CRD (mdistiller configs/imagenet/r34_r18/crd.yaml): CE 1, CRD 0.8, feat 128, K 16384, tau 0.07,",
+            "momentum 0.5; batch 256 and lr 0.1 instead of 512/0.2, as there. Two 1.28M x 128 banks (1.3 GB).",
+        ],
+        {
+            "name": "crd",
+            "ce_weight": 1.0,
+            "crd_weight": 0.8,
+            "feat_dim": 128,
+            "nce_k": 16384,
+            "temperature": 0.07,
+            "momentum": 0.5,
+            "mode": "exact",
+        },
+    ),
+    "aft_kd": (
+        [
+            "AFT-KD (reconstructed, METHODS.md 3.2): one block per stage (4), AT 1000, gated AFB 1, KD tau 1 as KD's",
+            "ImageNet setting, CE 1, DWA T 2. No published recipe: the standard schedule.",
+        ],
+        {"name": "aft_kd", "temperature": 1.0, "ce_weight": 1.0, "att_weight": 1000.0, "feat_weight": 1.0},
+    ),
+    "triplet_kd": (
+        ["Triplet KD (authors' code): KL tau 1, CE 1, triplet 2, margin 5; no published ImageNet recipe."],
+        {"name": "triplet_kd", "temperature": 1.0, "kd_weight": 1.0, "ce_weight": 1.0, "triplet_weight": 2.0},
+    ),
+    "amkd": (
+        [
+            "AMKD (reconstructed): BSS attack and KD weights, tau 3, triplet 2, margin 5; no published ImageNet",
+            "recipe. The attack adds up to 10 teacher forward/backward passes on 64 images per step.",
+        ],
+        {"name": "amkd", "temperature": 3.0, "attack_size": 64, "attack_steps": 10, "triplet_weight": 2.0},
+    ),
+}
+# Sections of the ImageNet recipe that a method's reference config changes, merged over the defaults below.
+IMAGENET_RECIPE_CHANGES: dict[str, dict[str, dict[str, Any]]] = {
+    "crd": {"data": {"batch_size": 256}, "optim": {"lr": 0.1}},
 }
 
 
@@ -245,6 +417,8 @@ def imagenet_config(key: str) -> str:
         "schedule": {"name": "multistep", "milestones": [30, 60, 90], "gamma": 0.1},
         "train": {"epochs": 100, "seed": 0},
     }
+    for section, values in IMAGENET_RECIPE_CHANGES.get(key, {}).items():
+        sections[section] = {**sections[section], **values}
     return _render(comments, sections)
 
 
@@ -276,6 +450,8 @@ def all_configs() -> dict[Path, str]:
             files[ROOT / "cifar100" / key / f"{teacher}_{student}.yaml"] = cifar_config(key, teacher, student)
     for student in ("resnet32", "resnet8x4", "wrn_16_2", "MobileNetV2"):
         files[ROOT / "cifar100" / "dml" / f"{student}.yaml"] = dml_config(student)
+    for teacher in PURF_TEACHERS:
+        files[ROOT / "cifar100" / "purf" / f"{teacher}.yaml"] = purf_config(teacher)
     for key in IMAGENET_METHODS:
         files[ROOT / "imagenet" / key / "resnet34_resnet18.yaml"] = imagenet_config(key)
     for key in ("ccd", "kd_jda"):

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _command(path: Path) -> str:
-    return "train" if yaml.safe_load(path.read_text())["method"]["name"] == "vanilla" else "distill"
+    method = METHODS.get(yaml.safe_load(path.read_text())["method"]["name"])
+    return "distill" if method.needs_teacher else "train"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[2])))

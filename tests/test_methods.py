@@ -16,15 +16,18 @@ from kdforge.methods import METHODS, Progress, create_method, list_methods
 PROGRESS = Progress(epoch=0, step=0, epoch_float=0.0, fraction=0.0)
 
 
-def _batch(n: int = 8, classes: int = 4, views: int = 0) -> Batch:
+def _batch(n: int = 8, classes: int = 4, views: int = 0, negatives: bool = False) -> Batch:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(n, 3, 8, 8, generator=g)
     extra = tuple(x + 0.1 * torch.randn(n, 3, 8, 8, generator=g) for _ in range(views))
-    return Batch(x, torch.randint(0, classes, (n,), generator=g), torch.arange(n), extra)
+    batch = Batch(x, torch.randint(0, classes, (n,), generator=g), torch.arange(n), extra)
+    if negatives:  # other-class samples (triplet KD, AMKD); their labels do not matter to these checks
+        batch.negative, batch.negative_index = torch.randn(n, 3, 8, 8, generator=g), torch.arange(n).flip(0)
+    return batch
 
 
 def _batch_for(method) -> Batch:
-    return _batch(views=1 if method.needs_views else 0)
+    return _batch(views=1 if method.needs_views else 0, negatives=method.needs_negatives)
 
 
 def _make(name, tiny_net, **params):

@@ -84,6 +84,7 @@ def _array_bundle(
     world_size: int,
     channels_last: bool,
     views: JDAPolicy | None,
+    negatives: bool,
 ) -> DataBundle:
     tr = balanced_subset(data.train_labels, train_subset)
     te = balanced_subset(data.test_labels, test_subset)
@@ -97,6 +98,7 @@ def _array_bundle(
         seed=seed,
         channels_last=channels_last,
         views=views,
+        negatives=negatives,
         **common,
     )
     test = TensorLoader(
@@ -186,6 +188,7 @@ def _folder_bundle(
     world_size: int,
     channels_last: bool,
     views: JDAPolicy | None,
+    negatives: bool,
 ) -> DataBundle:
     if root is None:
         raise DataError(f"dataset '{name}' needs data.root: a folder with train/<class>/ and val/<class>/")
@@ -205,6 +208,7 @@ def _folder_bundle(
         batch_size,
         train=True,
         views=views,
+        negatives=negatives,
         **common,
     )
     test_set = ImageFolderDataset(test_samples, image_size, train=False)
@@ -232,6 +236,7 @@ def build_data(
     views: Literal["none", "jda"] = "none",
     jda_p: float = 0.3,
     jda_ops: list[str] | None = None,
+    negatives: bool = False,
 ) -> DataBundle:
     """Build the train and test loaders of dataset ``name``.
 
@@ -250,6 +255,9 @@ def build_data(
         channels_last: channels-last inputs.
         views: ``jda`` adds a joint-data-augmentation view to every training batch (CCD).
         jda_p, jda_ops: JDA probability and operation list (``name:magnitude``; default the CIFAR-100 list).
+        negatives: every training batch also carries one other-class training sample per anchor
+            (``Batch.negative``, for methods with ``needs_negatives``: triplet KD, AMKD). ``fit`` switches it on
+            by itself (``bundle.train.negatives = True``) when the method needs it.
     """
     builder = DATASETS.get(name)
     device = torch.device(device)
@@ -270,6 +278,7 @@ def build_data(
         "world_size": world_size,
         "channels_last": channels_last,
         "views": policy,
+        "negatives": negatives,
     }
     if isinstance(source, ArrayData):
         if image_size not in (None, source.train_images.shape[-1]):

@@ -17,19 +17,29 @@ class Batch:
         target: ``[B]`` int64 class labels.
         index: ``[B]`` int64 dataset indices of the samples (CRD/BRCD memory banks, triplet negatives).
         views: extra augmented views of the same samples, each ``[B, C, H, W]`` (JDA/CCD), empty otherwise.
+        negative: ``[B, C, H, W]`` images of other-class training samples, one per sample, augmented like ``input``
+            (triplet KD, AMKD: methods with ``needs_negatives``); ``None`` otherwise.
+        negative_index: ``[B]`` int64 dataset indices of those samples; ``None`` without negatives.
     """
 
     input: Tensor
     target: Tensor
     index: Tensor
     views: tuple[Tensor, ...] = field(default_factory=tuple)
+    negative: Tensor | None = None
+    negative_index: Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
         return Batch(
             self.input.to(device, non_blocking=non_blocking),
             self.target.to(device, non_blocking=non_blocking),
             self.index.to(device, non_blocking=non_blocking),
             tuple(v.to(device, non_blocking=non_blocking) for v in self.views),
+            move(self.negative),
+            move(self.negative_index),
         )
 
     def __len__(self) -> int:

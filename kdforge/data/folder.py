@@ -2,7 +2,9 @@
 
 Images are decoded and resized in DataLoader worker processes (Pillow), batched as uint8 and normalized on the
 training device. Per-sample randomness is derived from ``(seed, epoch, index)``, so a sample's crop does not depend
-on which worker decoded it, and an epoch is reproducible and resumable like the tensor loader's.
+on which worker decoded it, and an epoch is reproducible and resumable like the tensor loader's. Negatives (triplet
+KD, AMKD) are drawn per batch in the sampler, from the labels and the batch's ``(seed, epoch, rank, batch)``, and
+decoded by the workers beside their anchors.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from kdforge.data.augment import normalize
 from kdforge.data.batch import Batch
 from kdforge.data.jda import JDAPolicy, jda_augment
-from kdforge.data.loader import mix_seed
+from kdforge.data.loader import NegativeSampler, mix_seed
 from kdforge.errors import DataError
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
@@ -83,7 +86,9 @@ class ImageFolderDataset(Dataset):
 
     Items are requested as ``(index, epoch)`` pairs (by :class:`EpochSampler`) and returned as
     ``(uint8 [3, S, S], label, index, error)``; a file that cannot be read yields ``error`` = a message naming it,
-    turned into a :class:`DataError` in the main process (one line, not a worker traceback).
+    turned into a :class:`DataError` in the main process (one line, not a worker traceback). An
+    ``(index, epoch, negative)`` triple also returns the negative sample's image and index,
+    ``(..., uint8 [3, S, S], negative)``, transformed like the anchor with randomness of its own.
     """
 
     def __init__(
@@ -120,26 +125,37 @@ class ImageFolderDataset(Dataset):
         left, top = (nw - s) // 2, (nh - s) // 2
         return img.crop((left, top, left + s, top + s))
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int, str]:
-        index, epoch = item
-        path, label = self.samples[index]
-        rng = random.Random(mix_seed(self.seed, epoch, index))
+    def _image(self, index: int, rng: random.Random) -> tuple[torch.Tensor, str]:
+        path = self.samples[index][0]
         try:
             img = self._load(path, rng)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             empty = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
-            return empty, label, index, f"cannot read image {path}: {err}"
-        return torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy()), label, index, ""
+            return empty, f"cannot read image {path}: {err}"
+        return torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy()), ""
+
+    def __getitem__(self, item: tuple[int, ...]) -> tuple[Any, ...]:
+        index, epoch = item[0], item[1]
+        label = self.samples[index][1]
+        img, error = self._image(index, random.Random(mix_seed(self.seed, epoch, index)))
+        if len(item) == 2:
+            return img, label, index, error
+        negative = item[2]
+        # Seeded by the (anchor, negative) pair: a sample drawn as a negative gets another crop than as an anchor.
+        neg_img, neg_error = self._image(negative, random.Random(mix_seed(self.seed, epoch, index, negative, 3)))
+        return img, label, index, error or neg_error, neg_img, negative
 
 
 class EpochSampler(Sampler):
     """Yields ``(index, epoch)``: a ``(seed, epoch)`` permutation cut into equal rank shards (train), or this rank's
-    strided share in order (eval), from ``start_batch`` on."""
+    strided share in order (eval), from ``start_batch`` on. With ``negatives`` set (training only) it yields
+    ``(index, epoch, negative)``, the negatives of batch ``b`` drawn from ``(seed, epoch, rank, b)``."""
 
     def __init__(self, n: int, batch_size: int, *, train: bool, seed: int, rank: int, world_size: int) -> None:
         self.n, self.batch_size, self.train = n, batch_size, train
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch, self.start_batch = 0, 0
+        self.negatives: NegativeSampler | None = None
 
     def indices(self) -> list[int]:
         if not self.train:
@@ -149,9 +165,19 @@ class EpochSampler(Sampler):
         shard = perm[self.rank * per_rank : (self.rank + 1) * per_rank].tolist()
         return shard[: len(shard) // self.batch_size * self.batch_size]  # drop_last for training
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for i in self.indices()[self.start_batch * self.batch_size :]:
-            yield i, self.epoch
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
+        todo = self.indices()[self.start_batch * self.batch_size :]
+        if self.negatives is None or not self.train:
+            for i in todo:
+                yield i, self.epoch
+            return
+        for b in range(0, len(todo), self.batch_size):
+            chunk = todo[b : b + self.batch_size]
+            batch_no = self.start_batch + b // self.batch_size
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, batch_no, 3))
+            negs = self.negatives(self.negatives.labels[torch.tensor(chunk)], g).tolist()
+            for i, neg in zip(chunk, negs, strict=True):
+                yield i, self.epoch, neg
 
     def __len__(self) -> int:
         return max(0, len(self.indices()) - self.start_batch * self.batch_size)
@@ -175,6 +201,7 @@ class FolderLoader:
         world_size: int = 1,
         channels_last: bool = False,
         views: JDAPolicy | None = None,
+        negatives: bool = False,
     ) -> None:
         self.dataset, self.batch_size, self.train = dataset, batch_size, train
         self.mean, self.std, self.device = mean, std, torch.device(device)
@@ -191,6 +218,19 @@ class FolderLoader:
             persistent_workers=num_workers > 0,
             drop_last=False,
         )
+        self.negatives = negatives
+
+    @property
+    def negatives(self) -> bool:
+        """Whether training batches carry ``Batch.negative`` (one other-class sample per anchor)."""
+        return self.sampler.negatives is not None
+
+    @negatives.setter
+    def negatives(self, on: bool) -> None:
+        if not (on and self.train):
+            self.sampler.negatives = None
+            return
+        self.sampler.negatives = NegativeSampler(torch.tensor([label for _, label in self.dataset.samples]))
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
@@ -205,7 +245,7 @@ class FolderLoader:
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
     def __iter__(self) -> Iterator[Batch]:
-        for i, (images, labels, index, errors) in enumerate(self.loader, start=self._start):
+        for i, (images, labels, index, errors, *negative) in enumerate(self.loader, start=self._start):
             bad = next((e for e in errors if e), None)
             if bad:
                 raise DataError(bad)
@@ -216,11 +256,17 @@ class FolderLoader:
                     mix_seed(self.seed, self.sampler.epoch, self.rank, i, 2)
                 )
                 views = (self._finish(jda_augment(images, self.views, g)),)
+            neg = neg_idx = None
+            if negative:
+                neg = self._finish(negative[0].to(self.device, non_blocking=True))
+                neg_idx = negative[1].to(self.device, torch.int64, non_blocking=True)
             yield Batch(
                 self._finish(images),
                 labels.to(self.device, torch.int64, non_blocking=True),
                 index.to(self.device, non_blocking=True),
                 views,
+                neg,
+                neg_idx,
             )
         self.sampler.start_batch, self._start = 0, 0
 

@@ -176,6 +176,10 @@ def fit(
     method.to(device)
     if device.type == "cuda" and train_cfg.channels_last:
         method.to(memory_format=torch.channels_last)
+    if method.needs_negatives and hasattr(data.train, "negatives"):
+        # Declared on the method class, so neither a config key nor a Python-API caller has to repeat it; a custom
+        # loader without the switch must fill Batch.negative itself (the method says so if it does not).
+        data.train.negatives = True
     steps_per_epoch = len(data.train)
     if steps_per_epoch == 0:
         raise ConfigError("the training set yields no batch: lower data.batch_size or use more data")

@@ -69,6 +69,8 @@ class Method(nn.Module, abc.ABC):
     needs_teacher: ClassVar[bool] = True
     needs_index: ClassVar[bool] = False
     needs_views: ClassVar[bool] = False
+    #: every training batch must carry ``Batch.negative``: one sample of another class per anchor (triplet KD, AMKD).
+    needs_negatives: ClassVar[bool] = False
     trains_teacher: ClassVar[bool] = False
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None) -> None:
