@@ -28,6 +28,9 @@ test: $(STAMP)
 	$(BIN)/ruff check kdforge tests scripts
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+bench: $(STAMP)
+	$(BIN)/kdforge bench
+
 lint: $(STAMP)
 	$(BIN)/ruff check kdforge tests scripts
 	$(BIN)/ruff format --check kdforge tests scripts

@@ -51,6 +51,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=0.1")
 
 
+def _add_timing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", type=int, default=50, help="timed forward passes per latency figure")
+    p.add_argument("--warmup", type=int, default=10, help="untimed passes before timing")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for timing (default: torch's setting)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdforge", description="Knowledge distillation: train, distill, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -69,6 +75,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None, help="head size for the counts (default: 100/1000)")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("datasets", help="list the datasets")
+    p = sub.add_parser("export", help="export a student to TorchScript/ONNX, checked, with a cost profile")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="run dir, last.pt/best.pt or weight file")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: <run dir>/export)")
+    p.add_argument("--format", default=None, metavar="LIST", help="torchscript,onnx (default: both; onnx if installed)")
+    p.add_argument("--teacher", metavar="MODEL", help="teacher architecture to profile (default: the run's; 'none')")
+    p.add_argument("--batch-size", type=int, default=1, help="second batch size for CPU latency (batch 1 always)")
+    p.add_argument("--image-size", type=int, default=None, help="input side (default: the run's dataset)")
+    p.add_argument("--atol", type=float, default=None, help="max |logit diff| accepted vs PyTorch (default 1e-4)")
+    _add_timing_args(p)
+    p.add_argument("--json", action="store_true", help="print the export summary as JSON")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.name=resnet8 for a bare weight file")
+    p = sub.add_parser("profile", help="parameters, MACs, size and CPU latency of zoo models")
+    p.add_argument("--model", required=True, metavar="NAME", help="the student (or only) architecture")
+    p.add_argument("--teacher", metavar="NAME", help="a teacher architecture to compare with")
+    p.add_argument("--num-classes", type=int, default=None, help="head size (default: 100 cifar / 1000 imagenet)")
+    p.add_argument("--image-size", type=int, default=None, help="input side (default: the model's, 32 or 224)")
+    p.add_argument("--batch-size", type=int, default=1, help="second batch size for CPU latency (batch 1 always)")
+    _add_timing_args(p)
+    p.add_argument("--out", metavar="FILE", help="also write the profile as JSON to FILE")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the Markdown table")
+    p = sub.add_parser("sweep", help="run a grid of methods x pairs x seeds from one YAML file (docs/EXPERIMENTS.md)")
+    p.add_argument("file", metavar="SWEEP.yaml", help="the sweep file")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
+    p.add_argument("--gpus", metavar="IDS", help="e.g. 0,1: one run per GPU at a time, as subprocesses")
+    p = sub.add_parser("report", help="Markdown/CSV tables and PNG plots from run directories")
+    p.add_argument("runs_dir", metavar="RUNS_DIR", help="folder searched for run directories")
+    p.add_argument("--out", metavar="DIR", help="where report.md, report.csv and the PNGs go (default RUNS_DIR/report)")
+    p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument("--markdown", metavar="FILE", help="also update section --section of this Markdown file")
+    p.add_argument("--section", metavar="HEADING", help="the '## HEADING' section of --markdown to (re)write")
+    p.add_argument("--runs-command", metavar="TEXT", help="the command that produced the runs, for the header")
+    p = sub.add_parser("bench", help="training throughput of kdforge's path vs a RepDistiller-style reference loop")
+    p.add_argument("--method", default="kd", help="a registered method (single-view)")
+    p.add_argument("--teacher", default="resnet20", metavar="MODEL")
+    p.add_argument("--student", default="resnet8", metavar="MODEL")
+    p.add_argument("--data", default="embedded", help="an in-memory dataset: embedded, cifar10, cifar100, cifar10_jpeg")
+    p.add_argument("--root", default=None, help="data.root of that dataset")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds per path (the median is reported)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the kdforge path's trainable forward")
+    p.add_argument("--no-channels-last", action="store_true", help="keep NCHW on CUDA")
+    p.add_argument("--no-reference", action="store_true", help="time only the kdforge path")
+    p.add_argument("--workers", type=int, default=None, help="reference DataLoader workers (default min(4, cores))")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    p.add_argument("params", nargs="*", metavar="KEY=VALUE", help="method parameters, e.g. temperature=4")
     p = sub.add_parser("demo", help="teacher, student alone and KD on the embedded CIFAR-10 subset")
     p.add_argument("--out", default="runs/demo", metavar="DIR")
     p.add_argument("--teacher-epochs", type=int, default=None)
@@ -160,6 +215,140 @@ def _datasets_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_command(args: argparse.Namespace) -> int:
+    from kdforge.config import apply_overrides
+    from kdforge.export import DEFAULT_ATOL, FORMATS, export_student
+
+    result = export_student(
+        args.checkpoint,
+        args.out,
+        formats=FORMATS if args.format is None else args.format,
+        teacher=args.teacher,
+        overrides=apply_overrides({}, args.overrides),
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        atol=DEFAULT_ATOL if args.atol is None else args.atol,
+        runs=args.runs,
+        warmup=args.warmup,
+        threads=args.threads,
+    )
+    if args.json:
+        summary = {"out_dir": str(result.out_dir), "checks": result.checks, "profile": result.profile}
+        print(json.dumps(summary, indent=2))
+        return 0
+    for check in result.checks:
+        if check["status"] == "ok":
+            line = f"{check['format']}: {check['file']}  max |diff| vs PyTorch {check['max_abs_diff']:.2e}"
+            print(line + f" (atol {check['atol']:g}; {check['note']})")
+        else:
+            print(f"{check['format']}: " + (f"{check['file']}  " if "file" in check else "") + f"{check['note']}")
+    print()
+    print(result.table)
+    print(f"\nfiles in {result.out_dir}")
+    return 0
+
+
+def _profile_command(args: argparse.Namespace) -> int:
+    from kdforge.engine.checkpoint import atomic_write_json
+    from kdforge.errors import ConfigError
+    from kdforge.models import DEFAULT_NUM_CLASSES, create_model
+    from kdforge.profile import format_profile, profile_model
+    from kdforge.registry import MODELS
+
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--image-size", args.image_size),
+        ("--runs", args.runs),
+        ("--threads", args.threads),
+        ("--num-classes", args.num_classes),
+    ):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be positive, got {value}")
+    names = [("teacher", args.teacher)] if args.teacher else []
+    names.append(("student" if args.teacher else "", args.model))
+    for _, name in names:
+        MODELS.get(name)  # an unknown name fails here with the registry's "did you mean" line
+    meta = MODELS.meta(args.model)
+    classes = args.num_classes or DEFAULT_NUM_CLASSES.get(meta.get("family", "cifar"), 100)
+    size = args.image_size or meta.get("input_size") or 32
+    rows = []
+    for role, name in names:
+        model = create_model(name, num_classes=classes)
+        rows.append(
+            profile_model(
+                model,
+                name,
+                size,
+                role=role,
+                batch_sizes=(1, args.batch_size),
+                runs=args.runs,
+                warmup=args.warmup,
+                threads=args.threads,
+            )
+        )
+    if args.out:
+        try:
+            atomic_write_json(args.out, rows)
+        except OSError as err:
+            raise ConfigError(f"cannot write {args.out}: {err.strerror or err}") from None
+    print(json.dumps(rows, indent=2) if args.json else format_profile(rows))
+    return 0
+
+
+def _sweep_command(args: argparse.Namespace) -> int:
+    from kdforge.engine.checkpoint import atomic_write_text
+    from kdforge.errors import ConfigError
+    from kdforge.sweep import SWEEP_DIR, describe_plan, load_sweep, plan_summary, run_sweep
+
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else []
+    if args.gpus is not None and not gpus:
+        raise ConfigError(f"--gpus must list GPU ids like 0,1, got {args.gpus!r}")
+    plan = load_sweep(args.file)
+    print(plan_summary(plan))
+    if args.dry_run:
+        print("\n".join(describe_plan(plan)))
+        return 0
+    command = f"kdforge sweep {args.file}" + (f" --gpus {','.join(gpus)}" if gpus else "")
+    atomic_write_text(plan.out / SWEEP_DIR / "command.txt", command + "\n")  # read back by `kdforge report`
+    result = run_sweep(plan, gpus=gpus or None)
+    print(f"sweep {plan.out}: {len(result.ran)} ran, {len(result.skipped)} already done, {len(result.failed)} failed")
+    if result.failed:
+        key, why = next(iter(result.failed.items()))
+        raise KDForgeError(f"{len(result.failed)} of {len(plan.all_runs)} runs failed; first: {key}: {why}")
+    return 0
+
+
+def _report_command(args: argparse.Namespace) -> int:
+    from kdforge.engine.checkpoint import atomic_write_text
+    from kdforge.errors import ConfigError
+    from kdforge.report.table import markdown_table, replace_section, write_report
+
+    if bool(args.markdown) != bool(args.section):
+        raise ConfigError("--markdown and --section go together: the file and the '## HEADING' to rewrite in it")
+    out = Path(args.out) if args.out else Path(args.runs_dir) / "report"
+    parts = ["kdforge report", args.runs_dir]
+    parts += [f"--out {args.out}"] if args.out else []
+    parts += ["--no-plots"] if args.no_plots else []
+    parts += [f"--markdown {args.markdown} --section '{args.section}'"] if args.markdown else []
+    doc = Path(args.markdown) if args.markdown else None
+    report = write_report(
+        args.runs_dir,
+        out,
+        command=" ".join(parts),
+        runs_command=args.runs_command,
+        plots=not args.no_plots,
+        link_base=doc.parent if doc else None,
+    )
+    for group in report.groups:
+        print(f"{group.dataset}: {group.teacher} -> {group.student}\n{markdown_table(group)}\n")
+    if doc is not None:
+        text = doc.read_text() if doc.is_file() else "# Results\n"
+        atomic_write_text(doc, replace_section(text, args.section, report.block))
+        print(f"updated section '{args.section}' of {doc}")
+    print(f"wrote {report.markdown}, {report.csv}" + (f" and {len(report.plots)} plots" if report.plots else ""))
+    return 0
+
+
 def _demo_command(args: argparse.Namespace) -> int:
     from kdforge.demo import run_demo
 
@@ -173,6 +362,34 @@ def _demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_command(args: argparse.Namespace) -> int:
+    from kdforge.bench import format_bench, run_bench, write_bench
+    from kdforge.config import apply_overrides
+
+    report = run_bench(
+        args.method,
+        args.teacher,
+        args.student,
+        data=args.data,
+        root=args.root,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        device=args.device,
+        precision=args.precision,
+        channels_last=False if args.no_channels_last else None,
+        compile_model=args.compile,
+        reference=not args.no_reference,
+        workers=args.workers,
+        params=apply_overrides({}, args.params),
+    )
+    print(format_bench(report))
+    if args.json:
+        write_bench(report, args.json)
+    return 0
+
+
 COMMANDS = {
     "train": _run_command,
     "distill": _run_command,
@@ -180,6 +397,11 @@ COMMANDS = {
     "methods": _methods_command,
     "models": _models_command,
     "datasets": _datasets_command,
+    "export": _export_command,
+    "profile": _profile_command,
+    "sweep": _sweep_command,
+    "report": _report_command,
+    "bench": _bench_command,
     "demo": _demo_command,
 }
 

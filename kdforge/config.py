@@ -98,6 +98,8 @@ class TrainConfig:
     log_every: int = 25
     progress: bool = True
     deterministic: bool = False
+    # Per-epoch scalars also to <run dir>/tensorboard/ (needs the extra: pip install 'kdforge[tensorboard]').
+    tensorboard: bool = False
 
 
 @dataclass
@@ -509,6 +511,10 @@ def validate(cfg: RunConfig, command: Literal["train", "distill"] = "distill") -
     _require(t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}")
     _require(t.eval_every >= 1, f"train.eval_every must be at least 1, got {t.eval_every}")
     _require(t.log_every >= 1, f"train.log_every must be at least 1, got {t.log_every}")
+    if t.tensorboard:
+        from kdforge.engine.logging import TENSORBOARD_HINT, tensorboard_available
+
+        _require(tensorboard_available(), f"train.tensorboard=true needs the tensorboard package: {TENSORBOARD_HINT}")
     _require(t.grad_clip is None or t.grad_clip > 0, f"train.grad_clip must be positive or null, got {t.grad_clip}")
     _require(math.isfinite(o.lr) and 0 < o.lr <= 10, f"optim.lr must be in (0, 10], got {o.lr}")
     _require(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")

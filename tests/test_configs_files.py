@@ -12,7 +12,11 @@ import yaml
 from kdforge.config import load_config, validate
 from kdforge.methods import METHODS
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+# Run configs; configs/sweeps holds sweep files (a different schema, checked in tests/test_sweep_report.py).
+CONFIGS = sorted(
+    p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml") if p.parent.name != "sweeps"
+)
+SWEEPS = sorted((Path(__file__).resolve().parents[1] / "configs" / "sweeps").glob("*.yaml"))
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,3 +101,11 @@ def test_smoke_configs_run(tmp_path):
         result = run(load_config(path, overrides), "distill", tmp_path / path.stem)
         assert result.final_top1 == result.final_top1  # finite, not NaN
         assert (tmp_path / path.stem / "student.pt").is_file()
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_sweep_file_validates(path):
+    from kdforge.sweep import load_sweep
+
+    plan = load_sweep(path, root=REPO)
+    assert plan.runs

@@ -284,3 +284,13 @@ def test_dml_alternating_updates_each_peer_per_batch(tmp_path, toy_data, tiny_ne
     line = json.loads((tmp_path / "dml" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"peer1_top1", "ensemble_top1"} <= set(line)
     assert {"student.pt", "peer1.pt"} <= {p.name for p in (tmp_path / "dml").iterdir()}
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    import os
+
+    from kdforge.engine.checkpoint import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    (tmp_path / "b.txt").write_text("x")
+    assert os.stat(tmp_path / "a.txt").st_mode == os.stat(tmp_path / "b.txt").st_mode

@@ -17,6 +17,10 @@ import torch
 
 from kdforge.errors import CheckpointError
 
+# mkstemp creates files readable by the owner only; written files should get the permissions a plain open() gives.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 CHECKPOINT_FORMAT = "kdforge-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -27,6 +31,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -51,7 +51,7 @@ from kdforge.engine.env import (
 from kdforge.engine.logging import Console, MetricsWriter, format_parts
 from kdforge.engine.optim import build_optimizer, build_scheduler
 from kdforge.errors import CheckpointError, ConfigError, KDForgeError
-from kdforge.methods.base import Method, Progress
+from kdforge.methods.base import Method, Progress, StepOutput
 from kdforge.methods.vanilla import Vanilla
 
 RUN_MARKERS = ("metrics.jsonl", "last.pt")
@@ -138,6 +138,34 @@ def prepare_run_dir(out_dir: str | Path, *, resume: bool, force: bool) -> Path:
     return out
 
 
+def update_step(
+    step_fn: Callable[[Batch, Progress], StepOutput],
+    batch: Batch,
+    progress: Progress,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    dtype: torch.dtype,
+    grad_clip: float | None = None,
+) -> StepOutput:
+    """One optimizer update: the method's forward under autocast, a (scaled) backward, optional clipping, the step.
+
+    ``fit`` and ``kdforge bench`` both train through this function, so the benchmark times exactly the update
+    users run. Nothing here reads a value back to the host.
+    """
+    with autocast(device, dtype):
+        result = step_fn(batch, progress)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(result.loss).backward()
+    if grad_clip is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return result
+
+
 def fit(
     method: Method | nn.Module,
     data: Any,
@@ -214,7 +242,9 @@ def fit(
         else:
             atomic_write_text(out / "config.yaml", dump_yaml(config))
             atomic_write_json(out / "env.json", environment(device))
-    metrics = MetricsWriter(out / "metrics.jsonl" if out is not None else None)
+    # TensorBoard follows metrics.jsonl: written only where the run directory is (rank 0 under DDP).
+    tb_dir = out / "tensorboard" if out is not None and train_cfg.tensorboard else None
+    metrics = MetricsWriter(out / "metrics.jsonl" if out is not None else None, tensorboard_dir=tb_dir)
     console = Console(train_cfg.progress)
     console.print(
         f"training {type(method).__name__.lower()} on {device} ({_dtype_name(dtype)}), {epochs} epochs "
@@ -224,7 +254,6 @@ def fit(
     train_time = sum(r.get("epoch_time_s", 0.0) for r in history)
     total_steps = epochs * steps_per_epoch
     log_every = train_cfg.log_every
-    trainable = list(method.trainable_parameters())
     extra_keys: set[str] = set()
     for epoch in range(start_epoch, epochs):
         method.train()
@@ -241,15 +270,7 @@ def fit(
             logits = None
             for sub in range(method.substeps):
                 progress = Progress(epoch, step, epoch + i / steps_per_epoch, step / total_steps, sub)
-                with autocast(device, dtype):
-                    result = step_fn(batch, progress)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(result.loss).backward()
-                if train_cfg.grad_clip is not None:
-                    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-                    torch.nn.utils.clip_grad_norm_(trainable, train_cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                result = update_step(step_fn, batch, progress, optimizer, scaler, device, dtype, train_cfg.grad_clip)
                 for name, value in {"loss": result.loss, **result.losses}.items():
                     value = value.detach().float()
                     sums[name] = sums[name] + value if name in sums else value
@@ -320,6 +341,7 @@ def fit(
             if improved:
                 save_checkpoint(ckpt, out / "best.pt")
 
+    metrics.close()
     final = history[-1] if history else {}
     result = FitResult(
         best_top1=best_top1,

@@ -1,1 +1,18 @@
-"""Tables and plots from run results."""
+"""Tables and plots from run results: ``kdforge report`` (table.py), PNG plots (plots.py) and the published
+numbers kdforge compares against (published.py)."""
+
+from kdforge.report.published import PUBLISHED, Published, lookup
+from kdforge.report.table import Group, Report, Row, build_groups, replace_section, scan_runs, write_report
+
+__all__ = [
+    "PUBLISHED",
+    "Group",
+    "Published",
+    "Report",
+    "Row",
+    "build_groups",
+    "lookup",
+    "replace_section",
+    "scan_runs",
+    "write_report",
+]

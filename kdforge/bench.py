@@ -1,0 +1,347 @@
+"""``kdforge bench``: steady-state distillation throughput of kdforge's training path against a reference loop.
+
+The kdforge path is the one ``fit`` runs: the dataset resident on the training device as uint8, batched on-device
+augmentation, the precision/``channels_last``/compile settings asked for, and :func:`kdforge.engine.loop.update_step`.
+The reference path trains the way RepDistiller and mdistiller do: a ``DataLoader`` whose workers augment one PIL image
+at a time (pad-and-crop, flip, to-tensor, normalize), fp32, eager, the teacher's forward every step. Both paths run
+the same method class on the same models and data, so their ratio isolates what kdforge's data path and execution
+settings buy. Warm-up steps (and compilation) are timed separately and excluded from the steady-state numbers.
+Machines are noisy, so the ratio, measured in one process minutes apart, is the headline.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+
+from kdforge.config import OptimConfig
+from kdforge.data import DATASETS, build_data
+from kdforge.data.batch import Batch
+from kdforge.data.cifar import ArrayData
+from kdforge.engine.checkpoint import atomic_write_json
+from kdforge.engine.env import resolve_device, resolve_precision, seed_everything
+from kdforge.engine.loop import update_step
+from kdforge.engine.optim import build_optimizer
+from kdforge.errors import ConfigError
+from kdforge.methods import METHODS, Method, Progress, create_method
+from kdforge.models import create_model
+
+
+@dataclass
+class BenchResult:
+    """Timing of one training path.
+
+    Attributes:
+        path: ``kdforge`` or ``reference``.
+        img_per_s: steady-state training images per second.
+        ms_per_step: steady-state milliseconds per optimizer step (the median round).
+        warmup_s: wall time of the warm-up steps (compilation included).
+        peak_mem_mb: peak CUDA memory allocated, ``None`` on the CPU.
+        settings: what the path ran with (precision, channels_last, compile, workers).
+    """
+
+    path: str
+    img_per_s: float
+    ms_per_step: float
+    warmup_s: float
+    peak_mem_mb: float | None
+    settings: str
+
+
+class PILCifarDataset(Dataset):
+    """Per-sample PIL augmentation as in RepDistiller/mdistiller's CIFAR loaders.
+
+    ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip()``, ``ToTensor()``, ``Normalize(mean, std)``, written with
+    Pillow and numpy (torchvision is not a kdforge dependency). ``rng`` is seeded per worker by the loader.
+
+    Args:
+        images: ``[N, 3, H, W]`` uint8.
+        labels: ``[N]`` int64.
+        mean, std: per-channel normalization.
+        padding: zero padding of the random crop.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        padding: int = 4,
+    ) -> None:
+        self.images = np.ascontiguousarray(images.transpose(0, 2, 3, 1))  # PIL wants HWC
+        self.labels = labels
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+        self.padding = padding
+        self.rng = random.Random(0)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def transform(self, img: Image.Image, top: int, left: int, flip: bool) -> torch.Tensor:
+        """The deterministic part: pad, crop at ``(top, left)``, optional mirror, to normalized ``[3, H, W]``."""
+        w, h = img.size
+        img = ImageOps.expand(img, border=self.padding, fill=0)
+        img = img.crop((left, top, left + w, top + h))
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return torch.from_numpy((x - self.mean) / self.std)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        img = Image.fromarray(self.images[i])
+        top = self.rng.randint(0, 2 * self.padding)
+        left = self.rng.randint(0, 2 * self.padding)
+        return self.transform(img, top, left, self.rng.random() < 0.5), int(self.labels[i]), i
+
+
+def _seed_worker(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    if info is not None:
+        info.dataset.rng = random.Random(info.seed % 2**32)
+
+
+def _cycle(loader: Any) -> Iterator[Batch]:
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        for item in loader:
+            if isinstance(item, Batch):
+                yield item
+            else:
+                x, y, index = item
+                yield Batch(x, y, index)
+        epoch += 1
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _TimedPath:
+    """One training path, set up once and then timed in rounds of ``steps`` updates."""
+
+    def __init__(
+        self,
+        method: Method,
+        batches: Iterator[Batch],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        compile_model: bool,
+        channels_last: bool,
+        optim: OptimConfig,
+    ) -> None:
+        self.method, self.batches, self.device, self.dtype = method, batches, device, dtype
+        self.channels_last = channels_last
+        method.to(device)
+        if channels_last:
+            method.to(memory_format=torch.channels_last)
+        method.train()
+        self.optimizer = build_optimizer(method.param_groups(), optim)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.step_fn = torch.compile(method) if compile_model else method
+
+    def run(self, n: int) -> float:
+        """Seconds for ``n`` updates, data loading included, with the device synchronized at both ends."""
+        _sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            batch = next(self.batches).to(self.device)
+            if self.channels_last:
+                batch.input = batch.input.contiguous(memory_format=torch.channels_last)
+            for sub in range(self.method.substeps):
+                progress = Progress(0, 0, 0.0, 0.0, sub)
+                update_step(self.step_fn, batch, progress, self.optimizer, self.scaler, self.device, self.dtype)
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+
+def run_bench(
+    method: str = "kd",
+    teacher: str = "resnet20",
+    student: str = "resnet8",
+    *,
+    data: str = "embedded",
+    root: str | None = None,
+    batch_size: int = 128,
+    steps: int = 20,
+    warmup: int = 5,
+    device: str = "auto",
+    precision: str = "auto",
+    channels_last: bool | None = None,
+    compile_model: bool = False,
+    reference: bool = True,
+    rounds: int = 3,
+    workers: int | None = None,
+    params: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time the kdforge path (and the reference loop) for ``method`` on ``teacher`` → ``student``.
+
+    Teachers are randomly initialized: throughput does not depend on the weights, and the benchmark needs no
+    checkpoint. Returns a JSON-ready dict: ``settings``, ``results`` (one :class:`BenchResult` dict per path) and
+    ``speedup`` (kdforge img/s ÷ reference img/s, when the reference ran).
+    """
+    if steps < 1 or warmup < 0 or batch_size < 1 or rounds < 1:
+        raise ConfigError("bench needs --steps >= 1, --warmup >= 0, --rounds >= 1 and --batch-size >= 1")
+    cls = METHODS.get(method)
+    if cls.needs_views or cls.needs_negatives:
+        raise ConfigError(
+            f"bench times single-view methods; '{method}' needs "
+            f"{'dual-view' if cls.needs_views else 'negative-sample'} batches, which the reference loop does not build"
+        )
+    dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
+    use_cl = dev.type == "cuda" if channels_last is None else channels_last
+    source, mean, std = DATASETS.get(data)(root, False)
+    if not isinstance(source, ArrayData):
+        raise ConfigError(f"bench runs on in-memory datasets (embedded, cifar10, cifar100, cifar10_jpeg), not '{data}'")
+    n_needed = batch_size * (steps * rounds + warmup)
+    subset = min(n_needed, len(source.train_labels))
+    num_classes = int(source.train_labels.max()) + 1
+    n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    optim = OptimConfig(lr=0.05, momentum=0.9, weight_decay=5e-4)
+    params = dict(params or {})
+
+    def make_method() -> Method:
+        seed_everything(seed)
+        s_net = create_model(student, num_classes=num_classes)
+        t_net = create_model(teacher, num_classes=num_classes) if cls.needs_teacher else None
+        context = {
+            "num_classes": num_classes,
+            "num_train": subset,
+            "epochs": 1,
+            "steps_per_epoch": steps * rounds + warmup,
+        }
+        return create_method(method, s_net, t_net, context=context, **params)
+
+    bundle = build_data(
+        data, root=root, batch_size=batch_size, train_subset=subset, device=dev, seed=seed, channels_last=use_cl
+    )
+    precision_name = str(dtype).removeprefix("torch.")
+    paths = {
+        "kdforge": _TimedPath(
+            make_method(),
+            _cycle(bundle.train),
+            device=dev,
+            dtype=dtype,
+            compile_model=compile_model,
+            channels_last=use_cl,
+            optim=optim,
+        )
+    }
+    labels = {"kdforge": f"{precision_name}, channels_last={use_cl}, compile={compile_model}, data on {dev.type}"}
+    if reference:
+        idx = np.arange(subset)
+        dataset = PILCifarDataset(source.train_images[idx], source.train_labels[idx], mean, std)
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=n_workers,
+            pin_memory=dev.type == "cuda",
+            persistent_workers=n_workers > 0,
+            worker_init_fn=_seed_worker,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        paths["reference"] = _TimedPath(
+            make_method(),
+            _cycle(loader),
+            device=dev,
+            dtype=torch.float32,
+            compile_model=False,
+            channels_last=False,
+            optim=optim,
+        )
+        labels["reference"] = f"float32, eager, PIL per sample, {n_workers} workers"
+    warmup_s = {name: path.run(warmup) for name, path in paths.items()}
+    # Rounds alternate between the paths so a burst of load on a shared machine hits both; the median round is
+    # reported.
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    peaks: dict[str, float | None] = {}
+    for _ in range(rounds):
+        for name, path in paths.items():
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            seconds[name].append(path.run(steps))
+            peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
+            peaks[name] = peak if peaks.get(name) is None else max(peaks[name] or 0.0, peak or 0.0)
+    results = []
+    for name in paths:
+        median = statistics.median(seconds[name])
+        results.append(
+            BenchResult(
+                name, steps * batch_size / median, 1000.0 * median / steps, warmup_s[name], peaks[name], labels[name]
+            )
+        )
+    out: dict[str, Any] = {
+        "settings": {
+            "method": method,
+            "teacher": teacher if cls.needs_teacher else None,
+            "student": student,
+            "data": data,
+            "batch_size": batch_size,
+            "steps": steps,
+            "rounds": rounds,
+            "warmup": warmup,
+            "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "params": params,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        },
+        "results": [asdict(r) for r in results],
+    }
+    if reference:
+        out["speedup"] = results[0].img_per_s / results[1].img_per_s
+    return out
+
+
+def format_bench(report: dict[str, Any]) -> str:
+    """Markdown table of a :func:`run_bench` report, with the speed-up line."""
+    s = report["settings"]
+    pair = f"{s['teacher']} → {s['student']}" if s["teacher"] else s["student"]
+    lines = [
+        f"{s['method']} {pair}, batch {s['batch_size']}, median of {s['rounds']} alternating rounds of {s['steps']} "
+        f"steps after {s['warmup']} warm-up steps, "
+        f"{s['device']} ({s['threads']} threads), torch {s['torch']}, {s['date']}",
+        "",
+        "| path | img/s | ms/step | warm-up (s) | peak memory (MiB) | settings |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in report["results"]:
+        mem = "—" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:,.0f}"
+        lines.append(
+            f"| {r['path']} | {r['img_per_s']:,.0f} | {r['ms_per_step']:.1f} | {r['warmup_s']:.1f} | {mem} | "
+            f"{r['settings']} |"
+        )
+    if "speedup" in report:
+        lines += ["", f"kdforge / reference: **{report['speedup']:.2f}×**"]
+    return "\n".join(lines)
+
+
+def write_bench(report: dict[str, Any], path: str | Path) -> None:
+    """The report as JSON, written atomically."""
+    atomic_write_json(path, report)
+
+
+__all__ = ["BenchResult", "PILCifarDataset", "format_bench", "run_bench", "write_bench"]

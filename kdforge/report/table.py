@@ -1,0 +1,667 @@
+"""Results tables from run directories: scan, group by dataset and pair, aggregate over seeds, write Markdown/CSV.
+
+A run directory is any folder holding ``summary.json`` and ``config.yaml`` (``metrics.jsonl`` and ``env.json`` are
+used when present). Runs are grouped by (dataset, teacher, student): a distillation run names its teacher in its
+config; a run without a teacher joins every group whose student is its network (the "student alone" baseline,
+or a teacher-free method such as DML); the teacher row is the run its distillation runs loaded the teacher from
+(``teacher.checkpoint``), else a teacher-free vanilla run of the teacher network, else the teacher accuracy the
+distillation runs measured before training. Within a group, runs of one method form one row, aggregated over
+seeds; runs of one method that differ in anything but the seed (and bookkeeping keys) get separate rows whose labels
+name the differing keys.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import platform
+import re
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdforge.engine.checkpoint import atomic_write_text
+from kdforge.errors import KDForgeError
+from kdforge.report.published import Published, lookup
+
+# Display names in table order: the logit family first, then feature/relation/contrastive methods (the order of
+# docs/RESULTS.md); methods not listed follow alphabetically under their registry name.
+DISPLAY = {
+    "vanilla": "student alone",
+    "kd": "KD",
+    "dkd": "DKD",
+    "ls_kd": "LS-KD",
+    "ls_dkd": "LS-DKD",
+    "alpha_kd": "α-KD",
+    "atf": "ATF",
+    "atf_shadow": "ATF (shadow)",
+    "bilateral": "bilateral KD",
+    "kd_jda": "KD + JDA",
+    "ccd": "CCD",
+    "fitnet": "FitNets",
+    "at": "AT",
+    "rkd": "RKD",
+    "crd": "CRD",
+    "aft_kd": "AFT-KD",
+    "amkd": "AMKD",
+    "triplet_kd": "triplet KD",
+    "purf": "PURF",
+    "dml": "DML",
+}
+
+# Config keys that never tell two runs' protocols apart: the seed (aggregated over), where files live, which
+# network (already the group) and run-time conveniences.
+IGNORED_KEYS = (
+    "train.seed",
+    "train.device",
+    "train.progress",
+    "train.log_every",
+    "train.compile",
+    "train.channels_last",
+    "train.deterministic",
+    "train.tensorboard",
+    "model.name",
+    "model.checkpoint",
+    "model.num_classes",
+    "teacher.",
+    "data.root",
+    "data.download",
+    "data.num_workers",
+    "data.eval_batch_size",
+)
+
+
+@dataclass
+class RunRecord:
+    """One finished run directory."""
+
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    curve: list[tuple[float, float]]
+    env: dict[str, Any]
+
+    @property
+    def dataset(self) -> str:
+        return str(self.summary.get("dataset") or self.config.get("data", {}).get("name", "?"))
+
+    @property
+    def model(self) -> str:
+        return str(self.summary.get("model") or self.config.get("model", {}).get("name", "?"))
+
+    @property
+    def method(self) -> str:
+        return str(self.config.get("method", {}).get("name", "?"))
+
+    @property
+    def teacher(self) -> str | None:
+        teacher = self.config.get("teacher") or {}
+        return teacher.get("name") or None
+
+    @property
+    def teacher_checkpoint(self) -> Path | None:
+        ckpt = (self.config.get("teacher") or {}).get("checkpoint")
+        if not ckpt:
+            return None
+        path = Path(ckpt).resolve()
+        return path.parent if path.is_file() else path
+
+    @property
+    def epochs(self) -> int | None:
+        return self.config.get("train", {}).get("epochs")
+
+    def protocol(self) -> dict[str, Any]:
+        """The flattened config without the ignored keys: what two seeds of one setting share."""
+        flat = _flatten(self.config)
+        return {
+            k: v for k, v in flat.items() if not any(k == i or (i[-1] == "." and k.startswith(i)) for i in IGNORED_KEYS)
+        }
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else value
+    return out
+
+
+def _read_curve(path: Path) -> list[tuple[float, float]]:
+    if not path.is_file():
+        return []
+    points = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash; the rest of the file is still good
+        if "test_top1" in record:
+            points.append((float(record["epoch"]), float(record["test_top1"])))
+    # A resumed run may have logged an epoch twice (crash after the log line, before the checkpoint): keep the last.
+    return sorted(dict(points).items())
+
+
+def scan_runs(root: str | Path) -> list[RunRecord]:
+    """Every finished run directory under ``root`` (sorted by path)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise KDForgeError(f"runs directory {root} does not exist")
+    records = []
+    for summary_path in sorted(root.rglob("summary.json")):
+        run_dir = summary_path.parent
+        if not (run_dir / "config.yaml").is_file():
+            continue
+        try:
+            summary = json.loads(summary_path.read_text())
+            config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise KDForgeError(f"{run_dir}: unreadable summary.json or config.yaml ({err})") from None
+        env_path = run_dir / "env.json"
+        env = json.loads(env_path.read_text()) if env_path.is_file() else {}
+        records.append(RunRecord(run_dir.resolve(), config, summary, _read_curve(run_dir / "metrics.jsonl"), env))
+    if not records:
+        raise KDForgeError(f"no run directories (summary.json + config.yaml) under {root}")
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Aggregation
+
+
+@dataclass
+class Stat:
+    """Mean, sample standard deviation (``None`` for one value) and count."""
+
+    mean: float
+    std: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        return cls(statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+
+    def format(self) -> str:
+        return f"{self.mean:.2f}" if self.std is None else f"{self.mean:.2f} ± {self.std:.2f}"
+
+
+@dataclass
+class Row:
+    """One line of a table: the teacher, the student alone, or a method, aggregated over its runs."""
+
+    role: str  # "teacher", "student" or "method"
+    network: str
+    method: str
+    label: str
+    runs: list[RunRecord]
+    best: Stat
+    final: Stat
+    time_s: float | None
+    gain_best: Stat | None = None
+    gain_final: float | None = None
+    published: Published | None = None
+    extras: dict[str, Stat] = field(default_factory=dict)
+
+
+@dataclass
+class Group:
+    """All rows of one (dataset, teacher, student)."""
+
+    dataset: str
+    teacher: str
+    student: str
+    rows: list[Row]
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.dataset}_{self.teacher}_{self.student}")
+
+    def row(self, role: str) -> Row | None:
+        return next((r for r in self.rows if r.role == role), None)
+
+
+def _order(method: str) -> tuple[int, str]:
+    names = list(DISPLAY)
+    return (names.index(method), "") if method in names else (len(names), method)
+
+
+def _row(role: str, method: str, label: str, runs: list[RunRecord], key: tuple[str, str, str]) -> Row:
+    """Aggregate ``runs`` of group ``key`` = (dataset, teacher, student) into one row."""
+    dataset, teacher, student = key
+    best = Stat.of([float(r.summary["best_top1"]) for r in runs])
+    final = Stat.of([float(r.summary["final_top1"]) for r in runs])
+    times = [float(r.summary["train_time_s"]) for r in runs if "train_time_s" in r.summary]
+    extras: dict[str, list[float]] = {}
+    for r in runs:
+        for name, value in r.summary.items():
+            if name.startswith("final_") and name.endswith("_top1") and name != "final_top1":
+                extras.setdefault(name.removeprefix("final_").removesuffix("_top1"), []).append(float(value))
+    published = lookup(dataset, teacher, student, "teacher" if role == "teacher" else method, runs[0].epochs)
+    return Row(
+        role=role,
+        network=f"{teacher} (teacher)" if role == "teacher" else student,
+        method=method,
+        label=label,
+        runs=runs,
+        best=best,
+        final=final,
+        time_s=statistics.mean(times) if times else None,
+        published=published,
+        extras={k: Stat.of(v) for k, v in extras.items() if len(v) == len(runs)},
+    )
+
+
+def _labelled(runs: list[RunRecord]) -> list[tuple[str, str, list[RunRecord]]]:
+    """Split runs by method, then by protocol; returns (method, label, runs) with distinguishing labels."""
+    by_method: dict[str, list[RunRecord]] = {}
+    for r in runs:
+        by_method.setdefault(r.method, []).append(r)
+    out = []
+    for method in sorted(by_method, key=_order):
+        variants: dict[str, list[RunRecord]] = {}
+        protocols: dict[str, dict[str, Any]] = {}
+        # Only keys every run's config has: a key added to the schema later (absent from older runs) says nothing.
+        common = set.intersection(*(set(r.protocol()) for r in by_method[method]))
+        for r in by_method[method]:
+            proto = {k: v for k, v in r.protocol().items() if k in common}
+            key = json.dumps(proto, sort_keys=True, default=str)
+            variants.setdefault(key, []).append(r)
+            protocols[key] = proto
+        name = DISPLAY.get(method, method)
+        if len(variants) == 1:
+            out.append((method, name, next(iter(variants.values()))))
+            continue
+        keys = sorted({k for p in protocols.values() for k in p})
+        differing = [k for k in keys if len({json.dumps(p.get(k), default=str) for p in protocols.values()}) > 1]
+        labelled = []
+        for key, group_runs in variants.items():
+            detail = ", ".join(f"{k}={protocols[key].get(k)}" for k in differing)
+            labelled.append((method, f"{name} ({detail})", group_runs))
+        out += sorted(labelled, key=lambda item: item[1])
+    return out
+
+
+def _same_budget(a: RunRecord, b: RunRecord) -> bool:
+    """Two runs trained on the same budget (epochs and training subset): a fair gain comparison."""
+    return a.epochs == b.epochs and a.config.get("data", {}).get("train_subset") == b.config.get("data", {}).get(
+        "train_subset"
+    )
+
+
+def build_groups(records: Iterable[RunRecord]) -> list[Group]:
+    """Group and aggregate runs into tables (see the module docstring for the rules)."""
+    records = list(records)
+    by_path = {r.path: r for r in records}
+    teacher_dirs = {r.teacher_checkpoint for r in records if r.teacher_checkpoint is not None}
+    keys = sorted({(r.dataset, r.teacher, r.model) for r in records if r.teacher is not None})
+    groups = []
+    for dataset, teacher, student in keys:
+        distilled = [r for r in records if (r.dataset, r.teacher, r.model) == (dataset, teacher, student)]
+        alone = [
+            r
+            for r in records
+            if r.teacher is None and r.dataset == dataset and r.model == student and r.path not in teacher_dirs
+        ]
+        refs = {r.teacher_checkpoint for r in distilled}
+        teacher_runs = [by_path[p] for p in sorted(p for p in refs if p in by_path)]  # type: ignore[type-var]
+        if not teacher_runs and teacher != student:
+            teacher_runs = [
+                r
+                for r in records
+                if r.teacher is None and r.method == "vanilla" and r.dataset == dataset and r.model == teacher
+            ]
+        key = (dataset, teacher, student)
+        rows: list[Row] = []
+        if teacher_runs:
+            rows.append(_row("teacher", "vanilla", "vanilla", teacher_runs, key))
+        else:
+            # No teacher run in the scan: the accuracy the distillation runs measured on the same test set.
+            measured = sorted({float(r.summary["teacher_top1"]) for r in distilled if "teacher_top1" in r.summary})
+            if measured:
+                stat = Stat.of(measured)
+                rows.append(Row("teacher", f"{teacher} (teacher)", "—", "evaluated", [], stat, stat, None))
+        for method, label, runs in _labelled(alone):
+            role = "student" if method == "vanilla" else "method"
+            rows.append(_row(role, method, label, runs, key))
+        for method, label, runs in _labelled(distilled):
+            rows.append(_row("method", method, label, runs, key))
+        baselines = [r for r in rows if r.role == "student"]
+        for row in rows:
+            if row.role != "method":
+                continue
+            base = next((b for b in baselines if _same_budget(b.runs[0], row.runs[0])), None)
+            if base is None and len(baselines) == 1:
+                base = baselines[0]
+            if base is not None:
+                # The error of a gain is the spread of the difference of two independent seeds' accuracies.
+                stds = [s for s in (row.best.std, base.best.std) if s is not None]
+                std = math.sqrt(sum(s * s for s in stds)) if stds else None
+                row.gain_best = Stat(row.best.mean - base.best.mean, std, row.best.n)
+                row.gain_final = row.final.mean - base.final.mean
+        groups.append(Group(dataset, teacher, student, rows))
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering
+
+COLUMNS = [
+    "network",
+    "method",
+    "n",
+    "best top-1",
+    "final top-1",
+    "gain (best) over student alone",
+    "train time / run",
+    "published (best)",
+]
+
+
+def _published_cell(row: Row) -> str:
+    return f"{row.published.top1:.2f} [{row.published.tag}]" if row.published else "—"
+
+
+def markdown_table(group: Group) -> str:
+    """The group's rows as a Markdown table."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in group.rows:
+        gain = f"{row.gain_best.mean:+.2f}" if row.gain_best is not None else ""
+        minutes = f"{row.time_s / 60:.1f} min" if row.time_s is not None else ""
+        cells = [
+            row.network,
+            row.label,
+            str(row.best.n),
+            row.best.format(),
+            row.final.format(),
+            gain,
+            minutes,
+            _published_cell(row),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def group_notes(group: Group) -> list[str]:
+    """Sentences about extra networks a method reports (e.g. ATF's fine-tuned teacher) and published sources."""
+    notes = []
+    teacher = group.row("teacher")
+    for row in group.rows:
+        for name, stat in row.extras.items():
+            if name == "teacher":
+                base = f" (the pretrained teacher: {teacher.final.mean:.2f} %)" if teacher else ""
+                notes.append(f"{row.label}'s fine-tuned teacher ends at {stat.format()} % top-1{base}.")
+            else:
+                notes.append(f"{row.label}'s {name} network ends at {stat.format()} % top-1.")
+    sources = {r.published.tag: r.published.source for r in group.rows if r.published}
+    if sources:
+        notes.append("Published: " + "; ".join(f"[{t}] {s}" for t, s in sorted(sources.items())) + ".")
+    return notes
+
+
+def describe_device(records: Iterable[RunRecord]) -> str:
+    """The devices the runs trained on, from their ``env.json`` (this machine when none has one)."""
+    names = []
+    for r in records:
+        env = r.env
+        if not env:
+            continue
+        if str(env.get("device", "")).startswith("cuda"):
+            name = f"GPU {env.get('gpu', 'cuda')} (CUDA {env.get('cuda', '?')})"
+        else:
+            arch = next((a for a in ("x86_64", "aarch64", "arm64") if a in str(env.get("platform", ""))), "CPU")
+            name = f"CPU ({arch}, {env.get('cpu_count', '?')} cores)"
+        if name not in names:
+            names.append(name)
+    if not names:
+        return f"unknown (no env.json); report made on {platform.machine()}"
+    return "; ".join(names)
+
+
+def describe_dates(records: Iterable[RunRecord]) -> str:
+    """The day(s) the runs finished (modification time of their summary.json), UTC."""
+    stamps = {(r.path / "summary.json").stat().st_mtime for r in records}
+    days = sorted({datetime.fromtimestamp(t, timezone.utc).date().isoformat() for t in stamps})
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+
+
+def describe_budget(group: Group) -> str:
+    """Training budget of the group's runs, from their configs (the student runs' settings)."""
+    students = [r for row in group.rows if row.role != "teacher" for r in row.runs]
+    teachers = [r for row in group.rows if row.role == "teacher" for r in row.runs]
+    if not students:
+        return ""
+    cfg = students[0].config
+    data, optim, sched = cfg.get("data", {}), cfg.get("optim", {}), cfg.get("schedule", {})
+    train_n = f"{data['train_subset']:,} training images" if data.get("train_subset") else "the full training set"
+    test_n = f"{data['test_subset']:,} test images" if data.get("test_subset") else "the full test set"
+    epochs = sorted({r.epochs for r in students if r.epochs})
+    teacher_epochs = sorted({r.epochs for r in teachers if r.epochs})
+    parts = [f"{train_n}, {test_n}"]
+    if teacher_epochs:
+        parts.append(f"teacher {'/'.join(map(str, teacher_epochs))} epochs")
+    parts.append(f"each student run {'/'.join(map(str, epochs))} epochs")
+    nesterov = " nesterov" if optim.get("nesterov") else ""
+    opt = f"batch {data.get('batch_size')}, {optim.get('name', 'sgd').upper()}{nesterov} lr {optim.get('lr')}"
+    parts.append(f"{opt}, weight decay {optim.get('weight_decay')}")
+    schedule = f"{sched.get('name', 'multistep')} schedule"
+    if sched.get("warmup_epochs"):
+        schedule += f" with {sched['warmup_epochs']} epoch(s) of warm-up"
+    parts.append(schedule)
+    parts.append("random crop + flip" if data.get("augment", True) else "no augmentation")
+    return "; ".join(parts) + "."
+
+
+def describe_methods(group: Group) -> str:
+    """Each method row's parameters as its runs' configs give them (the values that produced the numbers)."""
+    parts = []
+    for row in group.rows:
+        if row.role != "method" or not row.runs:
+            continue
+        params = {k: v for k, v in row.runs[0].config.get("method", {}).items() if k != "name"}
+        text = ", ".join(f"{k} {v}" for k, v in params.items()) or "defaults"
+        parts.append(f"{row.label}: {text}")
+    return "; ".join(parts) + "." if parts else ""
+
+
+def group_title(group: Group) -> str:
+    return f"{group.dataset}: {group.teacher} → {group.student}"
+
+
+def csv_text(groups: Sequence[Group]) -> str:
+    """One CSV row per table row of every group (numbers unrounded; empty cells for missing values)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    header = [
+        "dataset", "teacher", "student", "role", "method", "label", "n", "best_mean", "best_std", "final_mean",
+        "final_std", "gain_best", "gain_best_std", "gain_final", "train_time_s", "published_top1", "published_source",
+    ]  # fmt: skip
+    writer.writerow(header)
+
+    def num(x: float | None) -> str:
+        return "" if x is None else f"{x:.4f}"
+
+    for g in groups:
+        for row in g.rows:
+            gain = row.gain_best
+            writer.writerow(
+                [
+                    g.dataset, g.teacher, g.student, row.role, row.method, row.label, row.best.n,
+                    num(row.best.mean), num(row.best.std), num(row.final.mean), num(row.final.std),
+                    num(gain.mean if gain else None), num(gain.std if gain else None), num(row.gain_final),
+                    num(row.time_s), num(row.published.top1 if row.published else None),
+                    row.published.source if row.published else "",
+                ]
+            )  # fmt: skip
+    return buffer.getvalue()
+
+
+@dataclass
+class Report:
+    """What ``write_report`` produced."""
+
+    groups: list[Group]
+    markdown: Path
+    csv: Path
+    plots: list[Path]
+    block: str  # the Markdown body (no top-level heading), for inserting into another document
+
+
+def group_plots(group: Group, out_dir: Path) -> list[Path]:
+    """Accuracy-per-epoch curves (seed bands) and the gains bar chart of one group."""
+    from kdforge.report.plots import plot_gains, plot_seed_curves
+
+    curves = {
+        (f"teacher {group.teacher}" if row.role == "teacher" else row.label): [r.curve for r in row.runs]
+        for row in group.rows
+        if row.runs
+    }
+    paths = [plot_seed_curves(curves, out_dir / f"{group.slug}_curves.png", title=group_title(group))]
+    gains = {
+        row.label: (row.gain_best.mean, row.gain_best.std or 0.0) for row in group.rows if row.gain_best is not None
+    }
+    if gains:
+        paths.append(plot_gains(gains, out_dir / f"{group.slug}_gains.png", title=group_title(group)))
+    return paths
+
+
+def render_block(
+    groups: Sequence[Group],
+    records: Sequence[RunRecord],
+    *,
+    command: str,
+    runs_command: str | None = None,
+    plots: Mapping[str, Sequence[Path]] | None = None,
+    link_base: Path | None = None,
+    heading_level: int = 3,
+) -> str:
+    """The report body: provenance lines, then per group a title, budget, table, notes and plot links."""
+    today = datetime.now(timezone.utc).date().isoformat()
+    lines = []
+    if runs_command:
+        lines.append(f"- Runs: `{runs_command}`")
+    lines += [
+        f"- Table: `{command}` (report date {today})",
+        f"- Device: {describe_device(records)}; runs finished {describe_dates(records)}.",
+        "- Best = highest test top-1 over the evaluated epochs; final = last epoch; mean ± std over seeds "
+        "(sample std), n runs. Gain = mean best top-1 minus the student alone's on the same budget. Published: "
+        "best-epoch numbers from BENCHMARKS.md, shown only where dataset, pair, method and epochs match the "
+        "published protocol.",
+    ]
+    single = len(groups) == 1
+    for group in groups:
+        lines.append("")
+        if not single:
+            lines += [f"{'#' * heading_level} {group_title(group)}", ""]
+        budget = describe_budget(group)
+        if budget:
+            lines.append(f"- Budget: {budget}")
+        methods = describe_methods(group)
+        if methods:
+            lines.append(f"- Method settings: {methods}")
+        if budget or methods:
+            lines.append("")
+        lines.append(markdown_table(group))
+        notes = group_notes(group)
+        if notes:
+            lines += ["", *notes]
+        for path in (plots or {}).get(group.slug, []):
+            target = Path(_relpath(path, link_base)) if link_base is not None else path
+            lines += ["", f"![{path.stem}]({target.as_posix()})"]
+    return "\n".join(lines) + "\n"
+
+
+def _relpath(path: Path, base: Path) -> str:
+    import os
+
+    return os.path.relpath(path.resolve(), base.resolve())
+
+
+def write_report(
+    runs_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    command: str,
+    runs_command: str | None = None,
+    plots: bool = True,
+    link_base: Path | None = None,
+) -> Report:
+    """Scan ``runs_dir`` and write ``report.md``, ``report.csv`` and (unless ``plots=False``) PNGs to ``out_dir``.
+
+    ``runs_command`` (the command that produced the runs) defaults to the one a sweep records in
+    ``<runs_dir>/_sweep/command.txt``. ``link_base`` is the folder image links in ``Report.block`` are relative to.
+    """
+    runs_dir, out_dir = Path(runs_dir), Path(out_dir)
+    records = scan_runs(runs_dir)
+    groups = build_groups(records)
+    if not groups:
+        raise KDForgeError(f"no distillation runs under {runs_dir}: a table needs runs that name a teacher")
+    recorded = runs_dir / "_sweep" / "command.txt"
+    if runs_command is None and recorded.is_file():
+        runs_command = recorded.read_text().strip()
+    plot_paths = {g.slug: group_plots(g, out_dir) for g in groups} if plots else {}
+    md_path, csv_path = out_dir / "report.md", out_dir / "report.csv"
+    body = render_block(
+        groups,
+        records,
+        command=command,
+        runs_command=runs_command,
+        plots=plot_paths,
+        link_base=out_dir,
+    )
+    title = f"# kdforge report: {runs_dir.as_posix()}\n\n"
+    if len(groups) == 1:
+        title += f"## {group_title(groups[0])}\n\n"
+    atomic_write_text(md_path, title + body)
+    atomic_write_text(csv_path, csv_text(groups))
+    block = render_block(
+        groups,
+        records,
+        command=command,
+        runs_command=runs_command,
+        plots=plot_paths,
+        link_base=link_base or out_dir,
+    )
+    return Report(groups, md_path, csv_path, [p for ps in plot_paths.values() for p in ps], block)
+
+
+BEGIN = "<!-- kdforge report: begin (generated; edit outside these markers) -->"
+END = "<!-- kdforge report: end -->"
+
+
+def replace_section(text: str, heading: str, body: str) -> str:
+    """``text`` with the generated part of section ``## heading`` replaced by ``body``; other text is kept.
+
+    The generated part sits between the BEGIN/END markers under the heading. A section written before the markers
+    existed is replaced up to its first paragraph starting with "Notes" (hand-written notes stay); a missing section
+    is appended.
+    """
+    title = f"## {heading}"
+    generated = f"{title}\n\n{BEGIN}\n{body.rstrip()}\n{END}\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == title), None)
+    if start is None:
+        return text.rstrip("\n") + "\n\n" + generated
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    section = lines[start:end]
+    end_marker = next((i for i, line in enumerate(section) if line.rstrip() == END), None)
+    if end_marker is not None:
+        kept = section[end_marker + 1 :]
+    else:
+        notes = next((i for i, line in enumerate(section) if line.startswith("Notes")), len(section))
+        kept = section[notes:]
+    rest = "".join(kept).lstrip("\n")
+    tail = "".join(lines[end:])
+    middle = generated + ("\n" + rest if rest else "")
+    if tail and not middle.endswith("\n\n"):
+        middle = middle.rstrip("\n") + "\n\n"
+    return "".join(lines[:start]) + middle + tail

@@ -1,0 +1,370 @@
+"""``kdforge sweep``: a grid of runs (methods × teacher/student pairs × seeds) from one small YAML file.
+
+A sweep file (documented with examples in docs/EXPERIMENTS.md)::
+
+    out: runs/sweeps/cifar10              # root of the run directories (required)
+    base: configs/smoke/kd.yaml           # optional: a config file or an inline mapping, under everything else
+    overrides: {train.epochs: 5}          # optional: dotted keys applied to every run, teachers included
+    teachers:                             # per teacher model: a checkpoint/run dir, or overrides to train it first
+      resnet20: {train.epochs: 10}
+    pairs: [[resnet20, resnet8]]          # [teacher, student]
+    methods:                              # label -> dotted overrides; method.name defaults to the label
+      student: {method.name: vanilla}
+      kd: {method.temperature: 4}
+    seeds: [0, 1, 2]
+
+Every run gets a deterministic directory: ``<out>/<dataset>/<teacher>_<student>/<label>/seed<k>`` for a method that
+distills, ``<out>/<dataset>/<student>/<label>/seed<k>`` for one that trains without a teacher (so pairs sharing a
+student share its baseline) and ``<out>/<dataset>/teachers/<teacher>`` for a teacher the sweep trains. A directory
+with ``summary.json`` is finished and skipped, one with ``last.pt`` but no summary is resumed, anything else
+(re)started. Teachers run first; the distillation runs then read them as checkpoints.
+
+Runs execute one after another in this process by default; ``gpus=[0, 1]`` runs up to one run per GPU at once as
+``python -m kdforge train|distill`` subprocesses with ``CUDA_VISIBLE_DEVICES`` set, each writing its own log.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from kdforge.config import RunConfig, config_from_dict, deep_merge, dump_yaml, load_yaml, validate
+from kdforge.engine.checkpoint import atomic_write_text
+from kdforge.errors import ConfigError, KDForgeError
+from kdforge.registry import close_matches
+
+SWEEP_KEYS = ("out", "base", "overrides", "teachers", "pairs", "methods", "seeds")
+# Files of the sweep itself (launch configs, subprocess logs) live here, outside every run directory: a run that is
+# restarted from scratch clears its directory, and must not take its own log or launch config with it.
+SWEEP_DIR = "_sweep"
+
+State = Literal["done", "resume", "new"]
+
+
+@dataclass
+class PlannedRun:
+    """One run of a sweep: where it writes, what it runs and with which resolved config."""
+
+    key: str
+    out: Path
+    command: Literal["train", "distill"]
+    config: RunConfig
+    role: Literal["teacher", "run"] = "run"
+
+    def state(self) -> State:
+        """``done`` (summary.json exists), ``resume`` (last.pt without summary) or ``new``."""
+        if (self.out / "summary.json").is_file():
+            return "done"
+        if (self.out / "last.pt").is_file():
+            return "resume"
+        return "new"
+
+
+@dataclass
+class SweepPlan:
+    """The expanded grid: teachers the sweep trains first, then every other run."""
+
+    out: Path
+    teachers: list[PlannedRun] = field(default_factory=list)
+    runs: list[PlannedRun] = field(default_factory=list)
+
+    @property
+    def all_runs(self) -> list[PlannedRun]:
+        return [*self.teachers, *self.runs]
+
+
+def _unknown(key: str, valid: Sequence[str], where: str) -> ConfigError:
+    hints = close_matches(key, list(valid))
+    hint = ("closest valid keys: " + ", ".join(hints)) if hints else ("valid keys: " + ", ".join(valid))
+    return ConfigError(f"{where}: unknown key '{key}'; {hint}")
+
+
+def _nest(dotted: Any, where: str) -> dict[str, Any]:
+    """``{"train.epochs": 5}`` → ``{"train": {"epochs": 5}}``; nested mappings pass through."""
+    if dotted is None:
+        return {}
+    if not isinstance(dotted, Mapping):
+        raise ConfigError(f"{where} must be a mapping of dotted keys to values, like {{train.epochs: 5}}")
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        parts = str(key).split(".")
+        if any(not p for p in parts):
+            raise ConfigError(f"{where}: key {key!r} has an empty part; write it like train.epochs")
+        nested: Any = value
+        for part in reversed(parts[1:]):
+            nested = {part: nested}
+        out = deep_merge(out, {parts[0]: nested})
+    return out
+
+
+def _method_section(base: Mapping[str, Any], override: Mapping[str, Any], default_name: str) -> dict[str, Any]:
+    """The run's method: base parameters are kept only when the method stays the same (another method's
+    parameters would be unknown keys for this one)."""
+    base_method = base.get("method") or {}
+    if isinstance(base_method, str):
+        base_method = {"name": base_method}
+    name = override.get("name", default_name)
+    kept = dict(base_method) if base_method.get("name", "kd") == name else {}
+    return {**kept, **override, "name": name}
+
+
+def _needs_teacher(method: str) -> bool:
+    from kdforge.methods import METHODS
+
+    if method not in METHODS:
+        return True  # validate() names the unknown method with close matches
+    return bool(getattr(METHODS.get(method), "needs_teacher", True))
+
+
+def _build(data: dict[str, Any], key: str, command: Literal["train", "distill"]) -> RunConfig:
+    try:
+        return validate(config_from_dict(data), command)
+    except ConfigError as err:
+        raise ConfigError(f"sweep run {key}: {err}") from None
+
+
+def load_sweep(path: str | Path, *, root: str | Path | None = None) -> SweepPlan:
+    """Read and expand a sweep file; relative ``out``/``base`` paths are relative to ``root`` (default: cwd)."""
+    return expand_sweep(load_yaml(path), root=root, where=str(path))
+
+
+def expand_sweep(spec: Mapping[str, Any], *, root: str | Path | None = None, where: str = "sweep") -> SweepPlan:
+    """Expand a sweep mapping into validated runs (see the module docstring for the schema)."""
+    for key in spec:
+        if key not in SWEEP_KEYS:
+            raise _unknown(str(key), SWEEP_KEYS, where)
+    base_dir = Path(root) if root is not None else Path()
+    if not spec.get("out"):
+        raise ConfigError(f"{where}: 'out' is required (the root folder of the sweep's run directories)")
+    out = base_dir / str(spec["out"])
+
+    base = spec.get("base") or {}
+    if isinstance(base, (str, Path)):
+        base = load_yaml(base_dir / base)
+    if not isinstance(base, Mapping):
+        raise ConfigError(f"{where}: base must be a config file path or a mapping")
+    common = deep_merge(base, _nest(spec.get("overrides"), f"{where}: overrides"))
+
+    pairs = spec.get("pairs")
+    if not isinstance(pairs, list) or not pairs:
+        raise ConfigError(f"{where}: pairs must be a non-empty list of [teacher, student], like [[resnet20, resnet8]]")
+    for pair in pairs:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            raise ConfigError(f"{where}: each entry of pairs must be [teacher, student] model names, got {pair!r}")
+    methods = spec.get("methods")
+    if not isinstance(methods, Mapping) or not methods:
+        raise ConfigError(f"{where}: methods must map labels to overrides, like {{kd: {{method.temperature: 4}}}}")
+    seeds = spec.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise ConfigError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: seeds repeat a value: {seeds}")
+    teachers_spec = spec.get("teachers") or {}
+    if not isinstance(teachers_spec, Mapping):
+        raise ConfigError(f"{where}: teachers must map a teacher model to a checkpoint path or to training overrides")
+
+    plan = SweepPlan(out=out)
+    teacher_ckpt: dict[str, str] = {}
+    for teacher in dict.fromkeys(p[0] for p in pairs):
+        if teacher not in teachers_spec:
+            raise ConfigError(
+                f"{where}: teacher '{teacher}' has no entry under teachers; give its checkpoint "
+                f"(teachers: {{{teacher}: runs/.../teacher}}) or {{}} to train it in the sweep"
+            )
+        entry = teachers_spec[teacher]
+        if isinstance(entry, str):
+            path = base_dir / entry
+            if not path.exists():
+                raise ConfigError(f"{where}: teachers.{teacher}: {path} does not exist")
+            teacher_ckpt[teacher] = str(path)
+            continue
+        data = deep_merge(common, _nest(entry, f"{where}: teachers.{teacher}"))
+        data["method"] = _method_section(common, {"name": "vanilla"}, "vanilla")
+        data["model"] = {**(data.get("model") or {}), "name": teacher}
+        data.pop("teacher", None)
+        cfg = _build(data, f"teachers/{teacher}", "train")
+        run = PlannedRun(f"{cfg.data.name}/teachers/{teacher}", Path(), "train", cfg, role="teacher")
+        run.out = out / run.key
+        plan.teachers.append(run)
+        teacher_ckpt[teacher] = str(run.out)
+    unused = [t for t in teachers_spec if t not in teacher_ckpt]
+    if unused:
+        raise ConfigError(f"{where}: teachers lists {', '.join(unused)}, which no pair uses")
+
+    seen: set[str] = set()
+    for label, entry in methods.items():
+        override = _nest(entry, f"{where}: methods.{label}")
+        method_override = override.pop("method", {}) or {}
+        for teacher, student in pairs:
+            for seed in seeds:
+                data = deep_merge(common, override)
+                data["method"] = _method_section(common, method_override, str(label))
+                data["model"] = {**(data.get("model") or {}), "name": student}
+                data["train"] = {**(data.get("train") or {}), "seed": seed}
+                distills = _needs_teacher(data["method"]["name"])
+                if distills:
+                    data["teacher"] = {**(data.get("teacher") or {}), "name": teacher}
+                    data["teacher"]["checkpoint"] = teacher_ckpt[teacher]
+                    group = f"{teacher}_{student}"
+                else:
+                    data.pop("teacher", None)
+                    group = student
+                dataset = (data.get("data") or {}).get("name", "embedded")
+                key = f"{dataset}/{group}/{label}/seed{seed}"
+                if key in seen:  # a teacher-less baseline shared by pairs with the same student
+                    continue
+                seen.add(key)
+                command: Literal["train", "distill"] = "distill" if distills else "train"
+                plan.runs.append(PlannedRun(key, out / key, command, _build(data, key, command)))
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Execution
+
+
+class Process(Protocol):
+    """What the GPU scheduler needs of a launched run (``subprocess.Popen`` satisfies it)."""
+
+    def poll(self) -> int | None: ...
+
+
+Launcher = Callable[[list[str], dict[str, str], Path], Process]
+
+
+def launch_subprocess(argv: list[str], env: dict[str, str], log: Path) -> Process:
+    """Start ``argv`` with ``env``, stdout and stderr into ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as fh:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT)
+
+
+def _slug(key: str) -> str:
+    return key.replace("/", "__")
+
+
+def _subprocess_argv(plan: SweepPlan, run: PlannedRun) -> list[str]:
+    """The ``python -m kdforge`` command of a run; its config goes to a file under the sweep's own folder."""
+    config_path = plan.out / SWEEP_DIR / "configs" / f"{_slug(run.key)}.yaml"
+    atomic_write_text(config_path, dump_yaml(run.config))
+    argv = [sys.executable, "-m", "kdforge", run.command, "--config", str(config_path), "--out", str(run.out)]
+    state = run.state()
+    if state == "resume":
+        argv.append("--resume")
+    elif run.out.exists():
+        argv.append("--force")  # a directory left by a run that died before its first checkpoint
+    return argv
+
+
+def _run_in_process(run: PlannedRun) -> None:
+    from kdforge.api import run as api_run
+
+    state = run.state()
+    api_run(run.config, run.command, run.out, resume=state == "resume", force=state == "new")
+
+
+@dataclass
+class SweepResult:
+    """What happened to each run: finished now, skipped (already finished), or failed (with the reason)."""
+
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def _schedule(
+    plan: SweepPlan,
+    runs: list[PlannedRun],
+    gpus: Sequence[str],
+    launcher: Launcher,
+    result: SweepResult,
+    log: Callable[[str], None],
+    poll_s: float,
+) -> None:
+    """Run ``runs`` as subprocesses, at most one per GPU at a time, handing a freed GPU to the next run."""
+    queue = list(runs)
+    active: dict[str, tuple[PlannedRun, Process, Path]] = {}
+    while queue or active:
+        for gpu in gpus:
+            if gpu not in active and queue:
+                run = queue.pop(0)
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+                log_path = plan.out / SWEEP_DIR / "logs" / f"{_slug(run.key)}.log"
+                argv = _subprocess_argv(plan, run)
+                log(f"start {run.key} on GPU {gpu} (log {log_path})")
+                active[gpu] = (run, launcher(argv, env, log_path), log_path)
+        for gpu, (run, proc, log_path) in list(active.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del active[gpu]
+            if code == 0:
+                result.ran.append(run.key)
+                log(f"done  {run.key} on GPU {gpu}")
+            else:
+                result.failed[run.key] = f"exit status {code}, see {log_path}"
+                log(f"FAIL  {run.key} on GPU {gpu}: exit status {code}, see {log_path}")
+        if active:
+            time.sleep(poll_s)
+
+
+def run_sweep(
+    plan: SweepPlan,
+    *,
+    gpus: Sequence[str] | None = None,
+    launcher: Launcher | None = None,
+    log: Callable[[str], None] = print,
+    poll_s: float = 1.0,
+) -> SweepResult:
+    """Run every unfinished run of ``plan``: teachers first, then the rest; returns what ran, skipped and failed.
+
+    Without ``gpus`` the runs execute one by one in this process; a run that fails with a kdforge error is recorded
+    and the sweep goes on. With ``gpus`` they run as subprocesses, one per GPU at a time (``launcher`` starts
+    them; tests inject a fake one). Distillation runs start only after every teacher finished.
+    """
+    result = SweepResult()
+    for phase in (plan.teachers, plan.runs):
+        todo = []
+        for run in phase:
+            if run.state() == "done":
+                result.skipped.append(run.key)
+            else:
+                todo.append(run)
+        if phase is plan.runs and any(t.key in result.failed for t in plan.teachers):
+            for run in todo:
+                if run.command == "distill":
+                    result.failed[run.key] = "not run: a teacher of the sweep failed"
+            todo = [r for r in todo if r.command != "distill"]
+        if gpus:
+            _schedule(plan, todo, list(gpus), launcher or launch_subprocess, result, log, poll_s)
+            continue
+        for i, run in enumerate(todo, 1):
+            log(f"[{i}/{len(todo)}] {run.state():6s} {run.key}")
+            try:
+                _run_in_process(run)
+            except KDForgeError as err:
+                result.failed[run.key] = str(err)
+                log(f"FAIL  {run.key}: {err}")
+            else:
+                result.ran.append(run.key)
+    return result
+
+
+def describe_plan(plan: SweepPlan) -> list[str]:
+    """One line per run: state, command and directory (``--dry-run``)."""
+    return [f"{run.state():6s} {run.command:7s} {run.out}" for run in plan.all_runs]
+
+
+def plan_summary(plan: SweepPlan) -> str:
+    """``N runs: a done, b to resume, c new``."""
+    states = [r.state() for r in plan.all_runs]
+    return (
+        f"{len(states)} runs: {states.count('done')} done, {states.count('resume')} to resume, "
+        f"{states.count('new')} new"
+    )
