@@ -96,6 +96,9 @@ class TrainConfig:
     grad_clip: float | None = None
     eval_every: int = 1
     log_every: int = 25
+    # Also write last.pt every N optimizer steps inside an epoch (0: only at epoch ends), so a killed run loses at
+    # most N steps; --resume continues from that batch with the same data order and random state.
+    checkpoint_every: int = 0
     progress: bool = True
     deterministic: bool = False
     # Per-epoch scalars also to <run dir>/tensorboard/ (needs the extra: pip install 'kdforge[tensorboard]').
@@ -511,6 +514,9 @@ def validate(cfg: RunConfig, command: Literal["train", "distill"] = "distill") -
     _require(t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}")
     _require(t.eval_every >= 1, f"train.eval_every must be at least 1, got {t.eval_every}")
     _require(t.log_every >= 1, f"train.log_every must be at least 1, got {t.log_every}")
+    _require(
+        t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0 (0 = epoch ends only), got {t.checkpoint_every}"
+    )
     if t.tensorboard:
         from kdforge.engine.logging import TENSORBOARD_HINT, tensorboard_available
 

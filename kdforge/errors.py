@@ -15,3 +15,10 @@ class DataError(KDForgeError):
 
 class CheckpointError(KDForgeError):
     """A checkpoint that cannot be read or does not fit the model it is loaded into."""
+
+
+class WriteError(KDForgeError, OSError):
+    """A file could not be written (full disk, no permission); the previous version of the file is intact."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()  # the message alone, without OSError's "[Errno N]" prefix

@@ -36,6 +36,7 @@ from typing import Any, Literal, Protocol
 
 from kdforge.config import RunConfig, config_from_dict, deep_merge, dump_yaml, load_yaml, validate
 from kdforge.engine.checkpoint import atomic_write_text
+from kdforge.engine.loop import TrainingInterrupted
 from kdforge.errors import ConfigError, KDForgeError
 from kdforge.registry import close_matches
 
@@ -348,6 +349,8 @@ def run_sweep(
             log(f"[{i}/{len(todo)}] {run.state():6s} {run.key}")
             try:
                 _run_in_process(run)
+            except TrainingInterrupted:
+                raise  # SIGTERM/SIGINT stops the whole sweep; the run's last.pt lets the next sweep resume it
             except KDForgeError as err:
                 result.failed[run.key] = str(err)
                 log(f"FAIL  {run.key}: {err}")

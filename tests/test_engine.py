@@ -197,8 +197,12 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as info:
         save_checkpoint({"v": torch.tensor([2])}, target)
+    # One line for the CLI (a KDForgeError) that is still an OSError with its errno for Python callers.
+    assert isinstance(info.value, KDForgeError) and info.value.errno == 28
+    want = f"cannot write {target}: No space left on device; the previous version of the file is unchanged"
+    assert str(info.value) == want
     monkeypatch.undo()
     assert load_checkpoint(target)["v"].item() == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind

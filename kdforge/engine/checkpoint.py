@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kdforge.errors import CheckpointError
+from kdforge.errors import CheckpointError, WriteError
 
 # mkstemp creates files readable by the owner only; written files should get the permissions a plain open() gives.
 _UMASK = os.umask(0)
@@ -37,6 +37,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        reason = err.strerror or str(err)
+        raise WriteError(
+            err.errno, f"cannot write {path}: {reason}; the previous version of the file is unchanged"
+        ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -138,6 +140,43 @@ def prepare_run_dir(out_dir: str | Path, *, resume: bool, force: bool) -> Path:
     return out
 
 
+class TrainingInterrupted(KDForgeError):
+    """Training stopped on SIGTERM/SIGINT after writing ``last.pt``; ``--resume`` continues exactly."""
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT during ``fit``: remembered, the running step finishes, ``last.pt`` is written, then it stops.
+
+    A second signal stops at once (``KeyboardInterrupt``). Handlers are only installed from the main thread (Python
+    allows no other) and are restored when ``fit`` returns or raises.
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def install(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            self.uninstall()
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
 def update_step(
     step_fn: Callable[[Batch, Progress], StepOutput],
     batch: Batch,
@@ -224,6 +263,7 @@ def fit(
     if config is None:
         config = RunConfig(train=train_cfg, optim=optim_cfg, schedule=sched_cfg)
     start_epoch, step, best_top1, best_epoch, history = 0, 0, -1.0, 0, []
+    resume_batch, partial = 0, None  # batches already done in start_epoch, and that epoch's running sums
     if out is not None:
         if resume:
             ckpt = load_checkpoint(out / "last.pt", map_location=device)
@@ -236,6 +276,7 @@ def fit(
             scaler.load_state_dict(ckpt["scaler"])
             set_rng_state(ckpt["rng"])
             start_epoch, step = ckpt["epoch"], ckpt["step"]
+            resume_batch, partial = int(ckpt.get("batch_in_epoch", 0)), ckpt.get("partial")
             best_top1, best_epoch, history = ckpt["best_top1"], ckpt["best_epoch"], list(ckpt["history"])
             if given_config:  # a resumed run may extend train.epochs: record what it now runs with
                 atomic_write_text(out / "config.yaml", dump_yaml(config))
@@ -255,93 +296,127 @@ def fit(
     total_steps = epochs * steps_per_epoch
     log_every = train_cfg.log_every
     extra_keys: set[str] = set()
-    for epoch in range(start_epoch, epochs):
-        method.train()
-        data.train.set_epoch(epoch)
-        method.on_epoch_start(epoch)
-        console.start_epoch(epoch, epochs, steps_per_epoch)
-        # Loss parts are accumulated on the device and read back only every `log_every` steps: one host sync per
-        # log line instead of one per loss part per step.
-        sums: dict[str, Tensor] = {}
-        correct = torch.zeros((), device=device)
-        seen, logged, t0 = 0, 0, time.perf_counter()
-        for i, batch in enumerate(data.train):
-            batch = batch.to(device)
-            logits = None
-            for sub in range(method.substeps):
-                progress = Progress(epoch, step, epoch + i / steps_per_epoch, step / total_steps, sub)
-                result = update_step(step_fn, batch, progress, optimizer, scaler, device, dtype, train_cfg.grad_clip)
-                for name, value in {"loss": result.loss, **result.losses}.items():
-                    value = value.detach().float()
-                    sums[name] = sums[name] + value if name in sums else value
-                logits = result.logits if logits is None else logits
-            scheduler.step()
-            method.on_step_end(progress)
-            step += 1
-            # Train accuracy over the batch's labels; a dual-view method returns logits for every view.
-            reps = logits.shape[0] // len(batch)
-            correct += (logits.detach().argmax(dim=1) == batch.target.repeat_interleave(reps)).sum() / reps
-            seen += len(batch)
-            if (i + 1) % log_every == 0 or i + 1 == steps_per_epoch:
-                means = dict(zip(sums, (torch.stack(list(sums.values())) / (i + 1)).tolist(), strict=True))
-                if not math.isfinite(means["loss"]):
-                    last = f"; the last good checkpoint is {out / 'last.pt'}" if out is not None else ""
-                    raise KDForgeError(
-                        f"the training loss became {means['loss']} in epoch {epoch + 1} (step {step})"
-                        f"{last}; lower optim.lr or set train.grad_clip"
-                    )
-                console.update(i + 1 - logged, means, seen / (time.perf_counter() - t0))
-                logged = i + 1
-        epoch_time = time.perf_counter() - t0
-        train_time += epoch_time
-        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"]}
-        record.update({f"train_{k}" if k == "loss" else f"loss_{k}": v for k, v in means.items()})
-        record["train_top1"] = 100.0 * correct.item() / max(seen, 1)
-        record["epoch_time_s"] = epoch_time
-        record["img_per_s"] = seen / epoch_time
-        if (epoch + 1) % train_cfg.eval_every == 0 or epoch + 1 == epochs:
-            ev = evaluate(method, data.test, device=device, precision=dtype)
-            record.update({"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]})
-            for name, net in method.evaluators().items():
-                record[f"{name}_top1"] = evaluate(net, data.test, device=device, precision=dtype)["top1"]
-                extra_keys.add(f"{name}_top1")
-            improved = ev["top1"] > best_top1
-            if improved:
-                best_top1, best_epoch = ev["top1"], epoch + 1
-            record["best_top1"] = best_top1
-        else:
-            improved = False
-        history.append(record)
-        metrics.write(record)
-        test = f"  test {record['test_top1']:.2f}% (best {best_top1:.2f}%)" if "test_top1" in record else ""
-        test += "".join(f"  {k.removesuffix('_top1')} {v:.2f}%" for k, v in record.items() if k in extra_keys)
-        console.end_epoch(
-            f"epoch {epoch + 1}/{epochs}  {format_parts(means)}  train {record['train_top1']:.2f}%{test}  "
-            f"lr {record['lr']:.4g}  {epoch_time:.1f}s  {record['img_per_s']:,.0f} img/s"
-        )
-        if out is not None:
-            ckpt = {
-                "format": CHECKPOINT_FORMAT,
-                "version": CHECKPOINT_VERSION,
-                "method_name": type(method).__name__,
-                "method": method.state_dict(),
-                "extra": method.extra_state(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch + 1,
-                "step": step,
-                "best_top1": best_top1,
-                "best_epoch": best_epoch,
-                "history": history,
-                "config": config_to_dict(config),
-                "rng": rng_state(),
-            }
-            save_checkpoint(ckpt, out / "last.pt")
-            if improved:
-                save_checkpoint(ckpt, out / "best.pt")
 
-    metrics.close()
+    def make_checkpoint(epochs_done: int, batch_in_epoch: int = 0, part: dict[str, Any] | None = None) -> dict:
+        # A mid-epoch checkpoint (batch_in_epoch > 0) also carries the epoch's running sums, so the resumed
+        # epoch logs what an uninterrupted one would.
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "method_name": type(method).__name__,
+            "method": method.state_dict(),
+            "extra": method.extra_state(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epochs_done,
+            "batch_in_epoch": batch_in_epoch,
+            "partial": part,
+            "step": step,
+            "best_top1": best_top1,
+            "best_epoch": best_epoch,
+            "history": history,
+            "config": config_to_dict(config),
+            "rng": rng_state(),
+        }
+
+    stop = _StopRequest().install()
+    try:
+        for epoch in range(start_epoch, epochs):
+            method.train()
+            b0 = resume_batch if epoch == start_epoch else 0
+            data.train.set_epoch(epoch, b0)
+            if b0 == 0:
+                method.on_epoch_start(epoch)  # a mid-epoch checkpoint already holds this epoch's method state
+            console.start_epoch(epoch, epochs, steps_per_epoch)
+            # Loss parts are accumulated on the device and read back only every `log_every` steps: one host sync per
+            # log line instead of one per loss part per step.
+            sums: dict[str, Tensor] = {}
+            correct = torch.zeros((), device=device)
+            seen, logged, t0 = 0, 0, time.perf_counter()
+            if b0 and partial is not None:
+                sums = {k: v.to(device) for k, v in partial["sums"].items()}
+                correct = partial["correct"].to(device)
+                seen, logged, t0 = partial["seen"], b0, t0 - partial["elapsed"]
+            for i, batch in enumerate(data.train, start=b0):
+                batch = batch.to(device)
+                logits = None
+                for sub in range(method.substeps):
+                    progress = Progress(epoch, step, epoch + i / steps_per_epoch, step / total_steps, sub)
+                    result = update_step(
+                        step_fn, batch, progress, optimizer, scaler, device, dtype, train_cfg.grad_clip
+                    )
+                    for name, value in {"loss": result.loss, **result.losses}.items():
+                        value = value.detach().float()
+                        sums[name] = sums[name] + value if name in sums else value
+                    logits = result.logits if logits is None else logits
+                scheduler.step()
+                method.on_step_end(progress)
+                step += 1
+                # Train accuracy over the batch's labels; a dual-view method returns logits for every view.
+                reps = logits.shape[0] // len(batch)
+                correct += (logits.detach().argmax(dim=1) == batch.target.repeat_interleave(reps)).sum() / reps
+                seen += len(batch)
+                if (i + 1) % log_every == 0 or i + 1 == steps_per_epoch:
+                    means = dict(zip(sums, (torch.stack(list(sums.values())) / (i + 1)).tolist(), strict=True))
+                    if not math.isfinite(means["loss"]):
+                        last = f"; the last good checkpoint is {out / 'last.pt'}" if out is not None else ""
+                        raise KDForgeError(
+                            f"the training loss became {means['loss']} in epoch {epoch + 1} (step {step})"
+                            f"{last}; lower optim.lr or set train.grad_clip"
+                        )
+                    console.update(i + 1 - logged, means, seen / (time.perf_counter() - t0))
+                    logged = i + 1
+                every = train_cfg.checkpoint_every
+                if out is not None and i + 1 < steps_per_epoch and (stop.requested or (every and step % every == 0)):
+                    part = {
+                        "sums": {k: v.detach().cpu() for k, v in sums.items()},
+                        "correct": correct.detach().cpu(),
+                        "seen": seen,
+                        "elapsed": time.perf_counter() - t0,
+                    }
+                    save_checkpoint(make_checkpoint(epoch, i + 1, part), out / "last.pt")
+                if stop.requested and i + 1 < steps_per_epoch:
+                    raise _interrupted(stop, epoch, step, out)
+            epoch_time = time.perf_counter() - t0
+            train_time += epoch_time
+            record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"]}
+            record.update({f"train_{k}" if k == "loss" else f"loss_{k}": v for k, v in means.items()})
+            record["train_top1"] = 100.0 * correct.item() / max(seen, 1)
+            record["epoch_time_s"] = epoch_time
+            record["img_per_s"] = seen / epoch_time
+            if (epoch + 1) % train_cfg.eval_every == 0 or epoch + 1 == epochs:
+                ev = evaluate(method, data.test, device=device, precision=dtype)
+                record.update({"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]})
+                for name, net in method.evaluators().items():
+                    record[f"{name}_top1"] = evaluate(net, data.test, device=device, precision=dtype)["top1"]
+                    extra_keys.add(f"{name}_top1")
+                improved = ev["top1"] > best_top1
+                if improved:
+                    best_top1, best_epoch = ev["top1"], epoch + 1
+                record["best_top1"] = best_top1
+            else:
+                improved = False
+            history.append(record)
+            metrics.write(record)
+            test = f"  test {record['test_top1']:.2f}% (best {best_top1:.2f}%)" if "test_top1" in record else ""
+            test += "".join(f"  {k.removesuffix('_top1')} {v:.2f}%" for k, v in record.items() if k in extra_keys)
+            console.end_epoch(
+                f"epoch {epoch + 1}/{epochs}  {format_parts(means)}  train {record['train_top1']:.2f}%{test}  "
+                f"lr {record['lr']:.4g}  {epoch_time:.1f}s  {record['img_per_s']:,.0f} img/s"
+            )
+            if out is not None:
+                ckpt = make_checkpoint(epoch + 1)
+                save_checkpoint(ckpt, out / "last.pt")
+                if improved:
+                    save_checkpoint(ckpt, out / "best.pt")
+            if stop.requested and epoch + 1 < epochs:
+                raise _interrupted(stop, epoch, step, out)
+
+        metrics.close()
+    finally:
+        stop.uninstall()
+
     final = history[-1] if history else {}
     result = FitResult(
         best_top1=best_top1,
@@ -372,6 +447,11 @@ def fit(
         f"train time {train_time:.1f}s"
     )
     return result
+
+
+def _interrupted(stop: _StopRequest, epoch: int, step: int, out: Path | None) -> TrainingInterrupted:
+    where = f"; {out / 'last.pt'} holds it: continue with --resume" if out is not None else ""
+    return TrainingInterrupted(f"stopped by {stop.signal_name} in epoch {epoch + 1} after step {step}{where}")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -1,0 +1,184 @@
+"""Crash and stop safety: mid-epoch checkpoints, SIGKILL and SIGTERM, and bit-exact resume on the CPU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdforge.data import build_data
+from kdforge.engine.checkpoint import load_checkpoint
+from kdforge.engine.loop import fit
+from kdforge.errors import ConfigError
+from kdforge.models import create_model
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = {"epochs": 2, "checkpoint_every": 2, "progress": False, "seed": 0, "device": "cpu", "log_every": 3}
+OPTIM = {"lr": 0.05, "nesterov": True}
+
+# The child trains exactly like `_reference` but slowly (a sleep before every forward), so the parent can stop it.
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    import torch
+    from kdforge.data import build_data
+    from kdforge.engine.loop import fit
+    from kdforge.errors import KDForgeError
+    from kdforge.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet8", num_classes=10)
+    model.register_forward_pre_hook(lambda module, args: time.sleep(0.15))
+    data = build_data("embedded", batch_size=32, train_subset=320, test_subset=64, seed=0)
+    try:
+        fit(model, data, train={train}, optim={optim}, out_dir=sys.argv[1])
+    except KDForgeError as err:
+        print(err, file=sys.stderr)
+        sys.exit(3)
+    """
+).format(train=TRAIN, optim=OPTIM)
+
+
+def _data():
+    return build_data("embedded", batch_size=32, train_subset=320, test_subset=64, seed=0)
+
+
+def _model():
+    torch.manual_seed(0)
+    return create_model("resnet8", num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    fit(_model(), _data(), train=TRAIN, optim=OPTIM, out_dir=out)
+    return out
+
+
+def _assert_same_run(out: Path, ref: Path) -> None:
+    got = torch.load(out / "model.pt", weights_only=True)
+    want = torch.load(ref / "model.pt", weights_only=True)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    h_got = load_checkpoint(out / "last.pt")["history"]
+    h_want = load_checkpoint(ref / "last.pt")["history"]
+    for a, b in zip(h_got, h_want, strict=True):
+        for key in ("train_loss", "train_top1", "test_top1", "step", "lr"):
+            assert a[key] == pytest.approx(b[key], abs=1e-9), key
+
+
+def _start_child(out: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for_mid_epoch_checkpoint(child: subprocess.Popen, out: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert child.poll() is None, child.communicate()
+        if (out / "last.pt").is_file():
+            return
+        time.sleep(0.02)
+    child.kill()
+    pytest.fail("the child wrote no checkpoint in time")
+
+
+def test_mid_epoch_checkpoint_then_crash_resumes_bit_exactly(tmp_path, reference):
+    class Crash(RuntimeError):
+        pass
+
+    class CrashingLoader:
+        """The real loader, failing at the 8th batch of the first epoch (after the step-6 checkpoint)."""
+
+        def __init__(self, inner):
+            self.inner, self.epoch = inner, 0
+
+        def set_epoch(self, epoch, start_batch=0):
+            self.epoch = epoch
+            self.inner.set_epoch(epoch, start_batch)
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __iter__(self):
+            for i, batch in enumerate(self.inner):
+                if self.epoch == 0 and i == 7:
+                    raise Crash
+                yield batch
+
+    data = _data()
+    data.train = CrashingLoader(data.train)
+    with pytest.raises(Crash):
+        fit(_model(), data, train=TRAIN, optim=OPTIM, out_dir=tmp_path)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (0, 6, 6)
+    assert not (tmp_path / "summary.json").exists()
+    fit(_model(), _data(), train=TRAIN, optim=OPTIM, out_dir=tmp_path, resume=True)
+    _assert_same_run(tmp_path, reference)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, reference):
+    child = _start_child(tmp_path)
+    _wait_for_mid_epoch_checkpoint(child, tmp_path)
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    assert not (tmp_path / "summary.json").exists()
+    assert load_checkpoint(tmp_path / "last.pt")["step"] < 20  # killed before the end
+    fit(_model(), _data(), train=TRAIN, optim=OPTIM, out_dir=tmp_path, resume=True)
+    _assert_same_run(tmp_path, reference)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, reference):
+    child = _start_child(tmp_path)
+    _wait_for_mid_epoch_checkpoint(child, tmp_path)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 3, err
+    assert "stopped by SIGTERM" in err and "--resume" in err
+    assert "Traceback" not in err
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["step"] < 20 and not (tmp_path / "summary.json").exists()
+    fit(_model(), _data(), train=TRAIN, optim=OPTIM, out_dir=tmp_path, resume=True)
+    _assert_same_run(tmp_path, reference)
+
+
+def test_signal_handlers_are_restored_after_fit(tmp_path):
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    fit(_model(), _data(), train={**TRAIN, "epochs": 1}, optim=OPTIM)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_negative_checkpoint_every_is_refused():
+    from kdforge.config import config_from_dict, validate
+
+    cfg = config_from_dict(
+        {"model": {"name": "resnet8"}, "method": {"name": "vanilla"}, "train": {"checkpoint_every": -1}}
+    )
+    with pytest.raises(ConfigError, match="checkpoint_every"):
+        validate(cfg, "train")
+
+
+def test_full_disk_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from kdforge.cli import main
+
+    def no_space(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_space)
+    args = ["train", "--config", str(REPO / "configs/smoke/vanilla.yaml"), "--out", str(tmp_path / "run")]
+    assert main([*args, "train.epochs=1", "train.progress=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdforge: error: cannot write ") and "No space left on device" in err
+    assert len(err.splitlines()) == 1
+    assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file()]  # nothing half-written
