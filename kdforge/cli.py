@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="reference DataLoader workers (default min(4, cores))")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     p.add_argument("params", nargs="*", metavar="KEY=VALUE", help="method parameters, e.g. temperature=4")
-    p = sub.add_parser("demo", help="teacher, student alone and KD on the embedded CIFAR-10 subset")
+    p = sub.add_parser("demo", help="teacher, student alone, KD and ATF on the embedded CIFAR-10 subset")
     p.add_argument("--out", default="runs/demo", metavar="DIR")
     p.add_argument("--teacher-epochs", type=int, default=None)
     p.add_argument("--student-epochs", type=int, default=None)
