@@ -111,6 +111,7 @@ def build_run(
     context = {
         "num_classes": data.num_classes,
         "num_train": data.num_train,
+        "train_targets": data.train_targets,
         "epochs": cfg.train.epochs,
         "steps_per_epoch": len(data.train),
     }

@@ -226,7 +226,8 @@ def run_bench(
         t_net = create_model(teacher, num_classes=num_classes) if cls.needs_teacher else None
         context = {
             "num_classes": num_classes,
-            "num_train": subset,
+            "num_train": bundle.num_train,
+            "train_targets": bundle.train_targets,
             "epochs": 1,
             "steps_per_epoch": steps * rounds + warmup,
         }

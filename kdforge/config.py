@@ -408,7 +408,7 @@ def load_config(
 # Method parameters: the constructor's keyword arguments are the schema.
 
 # Arguments the engine supplies from the run itself; a config may not set them.
-CONTEXT_ARGS = ("student", "teacher", "num_classes", "num_train", "epochs", "steps_per_epoch")
+CONTEXT_ARGS = ("student", "teacher", "num_classes", "num_train", "train_targets", "epochs", "steps_per_epoch")
 
 
 def method_signature(cls: type) -> dict[str, inspect.Parameter]:

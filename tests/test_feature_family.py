@@ -457,3 +457,28 @@ def test_feature_layout_of_a_network_without_the_feature_api(tiny_net):
     feats = read_features(net, torch.randn(2, 3, 8, 8))
     assert [tuple(f.shape) for f in feats.feats] == [(2, 8, 8, 8), (2, 16, 4, 4)] and feats.pooled.shape == (2, 16)
     assert not net._forward_hooks and not net.fc._forward_pre_hooks  # hooks removed
+
+
+def test_crd_gets_every_training_label_from_the_engine(tmp_path):
+    """``build_run`` hands CRD the labels of all training samples, so other-class negatives are exact at step 1."""
+    from kdforge.api import build_run
+    from kdforge.config import config_from_dict
+    from kdforge.engine.checkpoint import save_checkpoint
+    from kdforge.models import create_model
+
+    save_checkpoint(create_model("resnet8", num_classes=10).state_dict(), tmp_path / "t.pt")
+    cfg = config_from_dict(
+        {
+            "model": {"name": "resnet8"},
+            "teacher": {"name": "resnet8", "checkpoint": str(tmp_path / "t.pt")},
+            "method": {"name": "crd", "nce_k": 16},
+            "data": {"name": "embedded", "train_subset": 100, "test_subset": 20, "batch_size": 10},
+        }
+    )
+    method, data = build_run(cfg, "distill", torch.device("cpu"))
+    assert torch.equal(method.bank_label, data.train_targets)
+    assert sorted(torch.bincount(data.train_targets).tolist()) == [10] * 10  # a balanced subset, every label known
+    batch = next(iter(data.train))
+    assert torch.equal(data.train_targets[batch.index], batch.target.cpu())  # indexed like Batch.index
+    contrast = method.sample_contrast(batch.index, batch.target)
+    assert (method.bank_label[contrast[:, 1:]] != batch.target[:, None]).all()

@@ -39,6 +39,8 @@ class DataBundle:
         image_size: input side length.
         mean, std: the normalization statistics applied.
         num_train: size of the training set (the range of ``Batch.index``).
+        train_targets: ``[num_train]`` int64 CPU tensor, the label of every training sample by ``Batch.index``
+            (CRD's other-class negatives need them before the first epoch has shown every sample).
     """
 
     train: Any
@@ -49,6 +51,7 @@ class DataBundle:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     num_train: int
+    train_targets: torch.Tensor | None = None
 
 
 def balanced_subset(labels: np.ndarray, n: int | None, seed: int = 0) -> np.ndarray:
@@ -109,8 +112,9 @@ def _array_bundle(
         channels_last=channels_last,
         **common,
     )
+    targets = torch.from_numpy(np.asarray(data.train_labels)[tr].astype(np.int64))
     return DataBundle(
-        train, test, len(data.classes), list(data.classes), data.train_images.shape[-1], mean, std, len(tr)
+        train, test, len(data.classes), list(data.classes), data.train_images.shape[-1], mean, std, len(tr), targets
     )
 
 
@@ -213,7 +217,8 @@ def _folder_bundle(
     )
     test_set = ImageFolderDataset(test_samples, image_size, train=False)
     test = FolderLoader(test_set, eval_batch_size, train=False, **common)
-    return DataBundle(train, test, len(classes), classes, image_size, mean, std, len(train_samples))
+    targets = torch.tensor([lbl for _, lbl in train_samples], dtype=torch.int64)
+    return DataBundle(train, test, len(classes), classes, image_size, mean, std, len(train_samples), targets)
 
 
 def build_data(

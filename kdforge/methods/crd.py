@@ -59,9 +59,10 @@ class CRD(Method):
     classes, as the reference datasets do; ``uniform`` draws them uniformly from all samples but the positive (the
     reference ``ContrastMemory``'s own sampler when no contrast index is given). Both draw with replacement (the
     reference draws without replacement when ``K`` is below the class-negative count; the expected loss is the
-    same). The labels of the bank are learned from the batches as they come, so during the first epoch a sample
-    not yet seen counts as another class. ``objective=softmax`` replaces NCE by the InfoNCE cross-entropy over the
-    ``K + 1`` scores (no ``Z``).
+    same). The engine passes every training label (``train_targets``), so other-class sampling is exact from the
+    first step; with a custom loader that gives none, labels are learned from the batches as they come and a
+    sample not yet seen counts as another class during the first epoch. ``objective=softmax`` replaces NCE by the
+    InfoNCE cross-entropy over the ``K + 1`` scores (no ``Z``).
 
     The banks, their labels and ``Z`` are buffers (saved and restored with the method's state dict); the sampler's
     generator lives on the banks' device, is seeded from the global RNG at construction and is saved through
@@ -80,6 +81,7 @@ class CRD(Method):
         mode: positives, ``exact`` or ``relax``.
         negatives: ``other_class`` or ``uniform``.
         objective: ``nce`` (the paper's) or ``softmax``.
+        train_targets: ``[N]`` labels of the training samples by ``batch.index``; set by the engine.
     """
 
     family = "contrastive"
@@ -101,6 +103,7 @@ class CRD(Method):
         mode: PositiveMode = "exact",
         negatives: NegativeMode = "other_class",
         objective: Objective = "nce",
+        train_targets: Tensor | None = None,
     ) -> None:
         super().__init__(student, teacher)
         if num_train < 2:
@@ -129,7 +132,13 @@ class CRD(Method):
         bound = 1.0 / math.sqrt(feat_dim / 3)
         self.register_buffer("bank_s", torch.rand(num_train, feat_dim).mul_(2 * bound).sub_(bound))
         self.register_buffer("bank_t", torch.rand(num_train, feat_dim).mul_(2 * bound).sub_(bound))
-        self.register_buffer("bank_label", torch.full((num_train,), -1, dtype=torch.long))  # -1: not seen yet
+        # -1: not seen yet. The engine passes every training label (train_targets), so other-class negatives are
+        # exact from the first step; without them (a custom loader) the labels are learned as batches come.
+        self.register_buffer("bank_label", torch.full((num_train,), -1, dtype=torch.long))
+        if train_targets is not None:
+            if train_targets.shape != (num_train,):
+                raise ValueError(f"train_targets must have shape [{num_train}], got {list(train_targets.shape)}")
+            self.bank_label.copy_(train_targets.to(torch.long))
         self.register_buffer("nce_z", torch.full((2,), -1.0))  # Z of (student, teacher) anchors; < 0: unset
         # Drawn from the global RNG, which the engine seeds with train.seed before building the method.
         self._seed = int(torch.randint(0, 2**62, ()).item())
