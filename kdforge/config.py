@@ -99,6 +99,9 @@ class TrainConfig:
     # Also write last.pt every N optimizer steps inside an epoch (0: only at epoch ends), so a killed run loses at
     # most N steps; --resume continues from that batch with the same data order and random state.
     checkpoint_every: int = 0
+    # A step with a non-finite loss or gradient: "stop" the run (checked at the log points, no per-step host sync)
+    # or "skip" it and count it in metrics.jsonl (one host read per step; parameters and optimizer state untouched).
+    nonfinite: Literal["stop", "skip"] = "stop"
     progress: bool = True
     deterministic: bool = False
     # Per-epoch scalars also to <run dir>/tensorboard/ (needs the extra: pip install 'kdforge[tensorboard]').

@@ -182,3 +182,56 @@ def test_full_disk_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     assert err.startswith("kdforge: error: cannot write ") and "No space left on device" in err
     assert len(err.splitlines()) == 1
     assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file()]  # nothing half-written
+
+
+def _snapshot(method, optimizer):
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    momenta = {id(p): s["momentum_buffer"].clone() for p, s in optimizer.state.items() if "momentum_buffer" in s}
+    return state, momenta
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_skipped_step_changes_nothing(tiny_net, toy_data, poison):
+    from kdforge.engine.loop import update_step
+    from kdforge.methods import Progress, create_method
+
+    method = create_method("vanilla", tiny_net(), None, context={"num_classes": 4})
+    method.train()
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    batches = iter(toy_data.train)
+    good, bad = next(batches), next(batches)
+    args = (optimizer, scaler, torch.device("cpu"), torch.float32, None, True, list(method.buffers()))
+    progress = Progress(0, 0, 0.0, 0.0)
+    assert update_step(method, good, progress, *args)[1]  # momentum buffers now exist
+    before = _snapshot(method, optimizer)
+    if poison == "loss":
+        bad.input = bad.input.clone()
+        bad.input[0] = float("nan")
+    else:  # finite loss, infinite gradient
+        handle = method.student.fc.weight.register_hook(lambda g: g * float("inf"))
+    result, applied = update_step(method, bad, progress, *args)
+    if poison == "gradient":
+        handle.remove()
+        assert torch.isfinite(result.loss)
+    assert not applied
+    after = _snapshot(method, optimizer)
+    assert before[0].keys() == after[0].keys()
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])  # weights and BN statistics
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])  # momentum
+    assert update_step(method, good, progress, *args)[1]
+
+
+def test_nonfinite_steps_are_skipped_and_counted_or_stop_the_run(tiny_net, toy_data, tmp_path):
+    from kdforge.errors import KDForgeError
+
+    toy_data.train.images[0] = float("nan")  # the batch holding sample 0 (one per epoch) has a NaN loss
+    train = {"epochs": 2, "progress": False, "seed": 0, "log_every": 1}
+    result = fit(tiny_net(), toy_data, train={**train, "nonfinite": "skip"}, out_dir=tmp_path / "skip")
+    assert [r["skipped_steps"] for r in result.history] == [1, 1]
+    assert all(torch.isfinite(torch.tensor([r["train_loss"], r["test_loss"]])).all() for r in result.history)
+    weights = torch.load(tmp_path / "skip" / "model.pt", weights_only=True)
+    # The NaN batch's forward had already updated the BN statistics; a skipped step must have put them back.
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())
+    with pytest.raises(KDForgeError, match="training loss became nan"):
+        fit(tiny_net(), toy_data, train=train, out_dir=tmp_path / "stop")

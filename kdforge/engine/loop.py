@@ -186,23 +186,51 @@ def update_step(
     device: torch.device,
     dtype: torch.dtype,
     grad_clip: float | None = None,
-) -> StepOutput:
+    skip_nonfinite: bool = False,
+    buffers: list[Tensor] | None = None,
+) -> tuple[StepOutput, bool]:
     """One optimizer update: the method's forward under autocast, a (scaled) backward, optional clipping, the step.
 
     ``fit`` and ``kdforge bench`` both train through this function, so the benchmark times exactly the update
-    users run. Nothing here reads a value back to the host.
+    users run. Without ``skip_nonfinite`` nothing here reads a value back to the host. With it, a step whose loss or
+    gradients are not finite changes nothing: parameters and optimizer state stay as they were, and ``buffers``
+    (the method's BN statistics, memory banks, ...), which the forward pass already updated, are put back. The
+    price is one host read and one copy of the buffers per step; fp16 runs detect the step through the GradScaler,
+    which then also lowers its scale.
+
+    Returns:
+        ``(result, applied)``: the method's output and whether the optimizer step was taken.
     """
+    saved = [b.detach().clone() for b in buffers] if skip_nonfinite and buffers else []
     with autocast(device, dtype):
         result = step_fn(batch, progress)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(result.loss).backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def undo() -> tuple[StepOutput, bool]:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, old in zip(buffers or [], saved, strict=False):
+                b.copy_(old)
+        return result, False
+
     if grad_clip is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if skip_nonfinite and not scaler.is_enabled():
+        grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+        finite = torch.isfinite(result.loss.detach()).all()
+        if grads:
+            finite = finite & torch.isfinite(torch.stack(grads)).all()
+        if not bool(finite):
+            return undo()
+    scale = scaler.get_scale() if skip_nonfinite and scaler.is_enabled() else None
     scaler.step(optimizer)
     scaler.update()
-    return result
+    if scale is not None and scaler.get_scale() < scale:  # the scaler found inf/NaN and skipped the step
+        return undo()
+    return result, True
 
 
 def fit(
@@ -320,6 +348,8 @@ def fit(
             "rng": rng_state(),
         }
 
+    skip_mode = train_cfg.nonfinite == "skip"
+    buffers = list(method.buffers()) if skip_mode else None
     stop = _StopRequest().install()
     try:
         for epoch in range(start_epoch, epochs):
@@ -334,22 +364,38 @@ def fit(
             sums: dict[str, Tensor] = {}
             correct = torch.zeros((), device=device)
             seen, logged, t0 = 0, 0, time.perf_counter()
+            skipped, counted = 0, 0  # non-finite steps skipped; batches whose loss entered the sums
             if b0 and partial is not None:
                 sums = {k: v.to(device) for k, v in partial["sums"].items()}
                 correct = partial["correct"].to(device)
                 seen, logged, t0 = partial["seen"], b0, t0 - partial["elapsed"]
+                skipped, counted = partial["skipped"], partial["counted"]
             for i, batch in enumerate(data.train, start=b0):
                 batch = batch.to(device)
-                logits = None
+                logits, batch_applied = None, False
                 for sub in range(method.substeps):
                     progress = Progress(epoch, step, epoch + i / steps_per_epoch, step / total_steps, sub)
-                    result = update_step(
-                        step_fn, batch, progress, optimizer, scaler, device, dtype, train_cfg.grad_clip
+                    result, applied = update_step(
+                        step_fn,
+                        batch,
+                        progress,
+                        optimizer,
+                        scaler,
+                        device,
+                        dtype,
+                        train_cfg.grad_clip,
+                        skip_mode,
+                        buffers,
                     )
+                    logits = result.logits if logits is None else logits
+                    if not applied:
+                        skipped += 1
+                        continue  # a skipped step's non-finite loss must not poison the epoch's means
+                    batch_applied = True
                     for name, value in {"loss": result.loss, **result.losses}.items():
                         value = value.detach().float()
                         sums[name] = sums[name] + value if name in sums else value
-                    logits = result.logits if logits is None else logits
+                counted += batch_applied
                 scheduler.step()
                 method.on_step_end(progress)
                 step += 1
@@ -358,7 +404,12 @@ def fit(
                 correct += (logits.detach().argmax(dim=1) == batch.target.repeat_interleave(reps)).sum() / reps
                 seen += len(batch)
                 if (i + 1) % log_every == 0 or i + 1 == steps_per_epoch:
-                    means = dict(zip(sums, (torch.stack(list(sums.values())) / (i + 1)).tolist(), strict=True))
+                    if not sums:
+                        raise KDForgeError(
+                            f"every step of epoch {epoch + 1} so far ({skipped} steps) had a non-finite loss or "
+                            "gradient and was skipped; lower optim.lr or set train.grad_clip"
+                        )
+                    means = dict(zip(sums, (torch.stack(list(sums.values())) / counted).tolist(), strict=True))
                     if not math.isfinite(means["loss"]):
                         last = f"; the last good checkpoint is {out / 'last.pt'}" if out is not None else ""
                         raise KDForgeError(
@@ -374,6 +425,8 @@ def fit(
                         "correct": correct.detach().cpu(),
                         "seen": seen,
                         "elapsed": time.perf_counter() - t0,
+                        "skipped": skipped,
+                        "counted": counted,
                     }
                     save_checkpoint(make_checkpoint(epoch, i + 1, part), out / "last.pt")
                 if stop.requested and i + 1 < steps_per_epoch:
@@ -385,6 +438,8 @@ def fit(
             record["train_top1"] = 100.0 * correct.item() / max(seen, 1)
             record["epoch_time_s"] = epoch_time
             record["img_per_s"] = seen / epoch_time
+            if skip_mode:
+                record["skipped_steps"] = skipped
             if (epoch + 1) % train_cfg.eval_every == 0 or epoch + 1 == epochs:
                 ev = evaluate(method, data.test, device=device, precision=dtype)
                 record.update({"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]})
@@ -404,6 +459,7 @@ def fit(
             console.end_epoch(
                 f"epoch {epoch + 1}/{epochs}  {format_parts(means)}  train {record['train_top1']:.2f}%{test}  "
                 f"lr {record['lr']:.4g}  {epoch_time:.1f}s  {record['img_per_s']:,.0f} img/s"
+                + (f"  skipped {skipped} non-finite steps" if skipped else "")
             )
             if out is not None:
                 ckpt = make_checkpoint(epoch + 1)
