@@ -81,6 +81,7 @@ def data_from_config(d: DataConfig, device: torch.device, *, seed: int = 0, chan
         views=d.views,
         jda_p=d.jda_p,
         jda_ops=d.jda_ops,
+        bad_images=d.bad_images,
     )
 
 

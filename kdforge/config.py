@@ -55,6 +55,9 @@ class DataConfig:
     views: Literal["none", "jda"] = "none"
     jda_p: float = 0.3
     jda_ops: list[str] | None = None
+    # Image folders: an undecodable image either stops the run naming the file ("fail") or is dropped from its
+    # batch and counted in metrics.jsonl as skipped_images ("skip").
+    bad_images: Literal["fail", "skip"] = "fail"
 
 
 @dataclass
@@ -505,6 +508,13 @@ def validate(cfg: RunConfig, command: Literal["train", "distill"] = "distill") -
         f"method '{cfg.method.name}' would ignore the second view, so set data.views=none",
     )
     _require(0.0 <= cfg.data.jda_p <= 1.0, f"data.jda_p must be in [0, 1], got {cfg.data.jda_p}")
+    if cfg.data.bad_images != "fail":
+        from kdforge.data import DATASETS
+
+        _require(
+            DATASETS.meta(cfg.data.name).get("kind") == "folder",
+            f"data.bad_images applies to image folders (folder, imagenet), not '{cfg.data.name}': remove it",
+        )
     if cfg.data.jda_ops is not None:
         from kdforge.data.jda import JDAPolicy
 

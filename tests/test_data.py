@@ -472,3 +472,30 @@ def test_image_folder_errors(tmp_path):
     bundle = build_data("folder", root=str(tmp_path / "ok"), image_size=8, num_workers=0, batch_size=2)
     with pytest.raises(DataError, match=r"cannot read image .*val/dog/0.jpg"):
         list(bundle.test)
+
+
+def test_corrupt_folder_images_fail_or_are_skipped_and_counted(tmp_path):
+    from kdforge.config import config_from_dict, validate
+    from kdforge.errors import ConfigError
+
+    _write_folder(tmp_path)
+    (tmp_path / "train" / "dog" / "0.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "train" / "eel" / "2.jpg").write_bytes(b"")
+    kwargs = {"root": str(tmp_path), "image_size": 8, "num_workers": 0, "batch_size": 4}
+    with pytest.raises(DataError, match=r"cannot read image .*train/(dog/0|eel/2)\.jpg.*bad_images=skip"):
+        list(build_data("folder", **kwargs).train)
+    bundle = build_data("folder", bad_images="skip", **kwargs)
+    samples = bundle.train.dataset.samples
+    for epoch in range(2):
+        bundle.train.set_epoch(epoch)
+        batches = list(bundle.train)
+        seen = {(samples[i][0].parent.name, samples[i][0].name) for b in batches for i in b.index.tolist()}
+        assert {(p.parent.name, p.name) for p, _ in samples} - seen == {("dog", "0.jpg"), ("eel", "2.jpg")}
+        assert sum(len(b) for b in batches) == 10 and bundle.train.skipped_images == 2 * (epoch + 1)
+        for b in batches:  # the survivors keep their own labels and indices
+            assert b.input.shape[0] == b.target.shape[0] == b.index.shape[0]
+            assert [samples[i][1] for i in b.index.tolist()] == b.target.tolist()
+    data = {"name": "embedded", "bad_images": "skip"}
+    cfg = config_from_dict({"model": {"name": "resnet8"}, "method": {"name": "vanilla"}, "data": data})
+    with pytest.raises(ConfigError, match="bad_images applies to image folders"):
+        validate(cfg, "train")

@@ -193,6 +193,7 @@ def _folder_bundle(
     channels_last: bool,
     views: JDAPolicy | None,
     negatives: bool,
+    bad_images: Literal["fail", "skip"] = "fail",
 ) -> DataBundle:
     if root is None:
         raise DataError(f"dataset '{name}' needs data.root: a folder with train/<class>/ and val/<class>/")
@@ -206,6 +207,7 @@ def _folder_bundle(
     # Small user images (e.g. 32 px) should not be cropped to 8% of their area; ImageNet keeps torchvision's range.
     scale = (0.08, 1.0) if name == "imagenet" else (0.35, 1.0)
     common = {"mean": mean, "std": std, "device": device, "num_workers": num_workers, "rank": rank}
+    common["bad_images"] = bad_images
     common |= {"world_size": world_size, "channels_last": channels_last, "seed": seed}
     train = FolderLoader(
         ImageFolderDataset(train_samples, image_size, train=True, seed=seed, scale=scale),
@@ -242,6 +244,7 @@ def build_data(
     jda_p: float = 0.3,
     jda_ops: list[str] | None = None,
     negatives: bool = False,
+    bad_images: Literal["fail", "skip"] = "fail",
 ) -> DataBundle:
     """Build the train and test loaders of dataset ``name``.
 
@@ -263,6 +266,8 @@ def build_data(
         negatives: every training batch also carries one other-class training sample per anchor
             (``Batch.negative``, for methods with ``needs_negatives``: triplet KD, AMKD). ``fit`` switches it on
             by itself (``bundle.train.negatives = True``) when the method needs it.
+        bad_images: image folders only: ``fail`` on an undecodable image (naming it) or ``skip`` it (dropped from
+            its batch and counted in ``loader.skipped_images``).
     """
     builder = DATASETS.get(name)
     device = torch.device(device)
@@ -291,7 +296,9 @@ def build_data(
         bundle = _array_bundle(source, mean, std, augment_train=augment, **common)
     else:
         size = image_size or DATASETS.meta(name)["image_size"]
-        bundle = _folder_bundle(name, root, mean, std, image_size=size, num_workers=num_workers, **common)
+        bundle = _folder_bundle(
+            name, root, mean, std, image_size=size, num_workers=num_workers, bad_images=bad_images, **common
+        )
         if not augment:
             bundle.train.dataset.train = False  # deterministic resize + centre crop for the training split too
     if len(bundle.train) == 0:

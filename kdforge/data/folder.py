@@ -202,7 +202,12 @@ class FolderLoader:
         channels_last: bool = False,
         views: JDAPolicy | None = None,
         negatives: bool = False,
+        bad_images: str = "fail",
     ) -> None:
+        if bad_images not in ("fail", "skip"):
+            raise DataError(f"data.bad_images must be fail or skip, got {bad_images!r}")
+        self.bad_images = bad_images
+        self.skipped_images = 0  # images dropped so far under bad_images=skip (the engine logs it per epoch)
         self.dataset, self.batch_size, self.train = dataset, batch_size, train
         self.mean, self.std, self.device = mean, std, torch.device(device)
         self.channels_last, self.views, self.seed, self.rank = channels_last, views, seed, rank
@@ -247,8 +252,15 @@ class FolderLoader:
     def __iter__(self) -> Iterator[Batch]:
         for i, (images, labels, index, errors, *negative) in enumerate(self.loader, start=self._start):
             bad = next((e for e in errors if e), None)
+            if bad and self.bad_images == "fail":
+                raise DataError(f"{bad} (data.bad_images=skip drops such images and counts them)")
             if bad:
-                raise DataError(bad)
+                keep = torch.tensor([not e for e in errors])
+                self.skipped_images += int((~keep).sum())
+                if not keep.any():
+                    continue
+                images, labels, index = images[keep], labels[keep], index[keep]
+                negative = [t[keep] for t in negative]
             images = images.to(self.device, non_blocking=True)
             views: tuple[torch.Tensor, ...] = ()
             if self.train and self.views is not None:

@@ -440,6 +440,8 @@ def fit(
             record["img_per_s"] = seen / epoch_time
             if skip_mode:
                 record["skipped_steps"] = skipped
+            if getattr(data.train, "bad_images", "fail") == "skip":
+                record["skipped_images"] = data.train.skipped_images  # cumulative over the run so far
             if (epoch + 1) % train_cfg.eval_every == 0 or epoch + 1 == epochs:
                 ev = evaluate(method, data.test, device=device, precision=dtype)
                 record.update({"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]})
