@@ -75,6 +75,12 @@ def _assert_same_run(out: Path, ref: Path) -> None:
             assert a[key] == pytest.approx(b[key], abs=1e-9), key
 
 
+def _resume_and_compare(out: Path, ref: Path) -> None:
+    assert not (out / "summary.json").exists()  # the run really was cut short
+    fit(_model(), _data(), train=TRAIN, optim=OPTIM, out_dir=out, resume=True)
+    _assert_same_run(out, ref)
+
+
 def _start_child(out: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(
@@ -122,9 +128,7 @@ def test_mid_epoch_checkpoint_then_crash_resumes_bit_exactly(tmp_path, reference
         fit(_model(), data, train=TRAIN, optim=OPTIM, out_dir=tmp_path)
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (0, 6, 6)
-    assert not (tmp_path / "summary.json").exists()
-    fit(_model(), _data(), train=TRAIN, optim=OPTIM, out_dir=tmp_path, resume=True)
-    _assert_same_run(tmp_path, reference)
+    _resume_and_compare(tmp_path, reference)
 
 
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, reference):
@@ -133,10 +137,8 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, re
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)
     assert child.returncode == -signal.SIGKILL
-    assert not (tmp_path / "summary.json").exists()
     assert load_checkpoint(tmp_path / "last.pt")["step"] < 20  # killed before the end
-    fit(_model(), _data(), train=TRAIN, optim=OPTIM, out_dir=tmp_path, resume=True)
-    _assert_same_run(tmp_path, reference)
+    _resume_and_compare(tmp_path, reference)
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, reference):
@@ -148,9 +150,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, reference):
     assert "stopped by SIGTERM" in err and "--resume" in err
     assert "Traceback" not in err
     ckpt = load_checkpoint(tmp_path / "last.pt")
-    assert ckpt["step"] < 20 and not (tmp_path / "summary.json").exists()
-    fit(_model(), _data(), train=TRAIN, optim=OPTIM, out_dir=tmp_path, resume=True)
-    _assert_same_run(tmp_path, reference)
+    assert ckpt["step"] < 20
+    _resume_and_compare(tmp_path, reference)
 
 
 def test_signal_handlers_are_restored_after_fit(tmp_path):
