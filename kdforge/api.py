@@ -169,28 +169,42 @@ def run(
     return result
 
 
-def evaluate_checkpoint(checkpoint: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate a weight file or training checkpoint on the test split of its run's dataset.
+def checkpoint_config(
+    checkpoint: str | Path, overrides: dict[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], Path, dict[str, Any]]:
+    """The weights of a run directory, training checkpoint or weight file, and the config to rebuild its network.
 
-    The architecture and data come from the checkpoint's saved config (a training checkpoint, or the
-    ``config.yaml`` beside a weight file); ``overrides`` (a nested mapping of config keys) change them, and must
-    give ``model.name`` for a bare state dict with no config beside it.
+    The config is the checkpoint's saved one (a training checkpoint, or the ``config.yaml`` beside a weight file)
+    with ``overrides`` (a nested mapping of config keys) merged in. A bare state dict with no config must get
+    ``model.name``.
+
+    Returns:
+        ``(state_dict, weight_file, config_mapping)``.
     """
-    path = Path(checkpoint)
-    state, path = resolve_weights(path)
+    state, path = resolve_weights(Path(checkpoint))
     saved: dict[str, Any] = {}
     raw = load_checkpoint(path)
     if isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT:
-        saved = raw["config"]
+        saved = raw.get("config") or {}
     elif (path.parent / "config.yaml").is_file():
         saved = load_yaml(path.parent / "config.yaml")
     merged = deep_merge(saved, overrides or {})
-    if not merged.get("model", {}).get("name"):
+    if not (merged.get("model") or {}).get("name"):
         raise ConfigError(
             f"{path} does not say which architecture it holds; pass model.name=<model> (and data.name=... for the data)"
         )
+    return state, path, merged
+
+
+def evaluate_checkpoint(checkpoint: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate a weight file or training checkpoint on the test split of its run's dataset.
+
+    The architecture and data come from the checkpoint's saved config (see :func:`checkpoint_config`); ``overrides``
+    change them, and must give ``model.name`` for a bare state dict with no config beside it.
+    """
+    state, path, merged = checkpoint_config(checkpoint, overrides)
     merged.pop("teacher", None)
-    merged["method"] = {"name": "vanilla"}
+    merged["method"] = {"name": "vanilla"}  # the network is evaluated alone
     cfg = config_from_dict(merged)
     validate(cfg, "train")
     device = resolve_device(cfg.train.device)

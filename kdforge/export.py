@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdforge.config import config_from_dict, deep_merge, load_yaml
-from kdforge.engine.checkpoint import CHECKPOINT_FORMAT, atomic_write_json, atomic_write_text, load_checkpoint
+from kdforge.config import config_from_dict
+from kdforge.engine.checkpoint import atomic_write_json, atomic_write_text
 from kdforge.errors import ConfigError, KDForgeError
 from kdforge.models import create_model, load_weights
 from kdforge.profile import format_profile, profile_model
@@ -96,23 +96,13 @@ def load_run_model(checkpoint: str | Path, overrides: Mapping[str, Any] | None =
     the ``config.yaml`` beside a weight file); ``overrides`` (nested config keys) change them and must give
     ``model.name`` for a bare weight file with no config beside it.
     """
-    from kdforge.api import resolve_weights
+    from kdforge.api import checkpoint_config
 
     path = Path(checkpoint)
     if not path.exists():
         raise KDForgeError(f"checkpoint {path} does not exist; pass a run directory or a weight file")
-    state, path = resolve_weights(path)
-    saved: dict[str, Any] = {}
-    raw = load_checkpoint(path)
-    if isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT:
-        saved = raw.get("config") or {}
-    elif (path.parent / "config.yaml").is_file():
-        saved = load_yaml(path.parent / "config.yaml")
-    merged = deep_merge(saved, overrides or {})
-    if not (merged.get("model") or {}).get("name"):
-        raise ConfigError(f"{path} does not say which architecture it holds (no config beside it); pass model.name=...")
-    teacher = (merged.get("teacher") or {}).get("name")
-    merged.pop("teacher", None)
+    state, path, merged = checkpoint_config(path, dict(overrides or {}))
+    teacher = (merged.pop("teacher", None) or {}).get("name")  # profiled beside the student
     merged["method"] = {"name": "vanilla"}  # the method's parameters do not matter for the exported network
     cfg = config_from_dict(merged)
     name = cfg.model.name

@@ -20,14 +20,10 @@ import torch
 from torch import nn
 
 from kdforge.errors import KDForgeError
+from kdforge.models import count_parameters
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameter elements (shared parameters counted once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def state_dict_bytes(model: nn.Module) -> int:

@@ -39,6 +39,17 @@ class TinyNet(nn.Module):
         return self.fc(self.body(x))
 
 
+class NaNNet(nn.Module):
+    """A network whose logits are always NaN (non-finite-loss handling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean(dim=(2, 3))) * float("nan")
+
+
 class ToyLoader:
     """Synthetic, learnable 4-class data (class = brightest quadrant) following the kdforge loader protocol."""
 
@@ -93,3 +104,8 @@ def tiny_net():
         return TinyNet(num_classes)
 
     return make
+
+
+@pytest.fixture
+def nan_net():
+    return NaNNet

@@ -101,18 +101,9 @@ def test_run_dir_guard(tmp_path, toy_data, tiny_net):
         fit(tiny_net(), toy_data, train={"epochs": 1, **QUIET}, out_dir=tmp_path / "new", resume=True)
 
 
-class _NaNNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(3, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.mean(dim=(2, 3))) * float("nan")
-
-
-def test_non_finite_loss_stops_with_a_clear_message(tmp_path, toy_data):
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, toy_data, nan_net):
     with pytest.raises(KDForgeError, match=r"training loss became nan in epoch 1 \(step 1\).*lower optim.lr"):
-        fit(_NaNNet(), toy_data, train={"epochs": 1, "log_every": 1, **QUIET}, out_dir=tmp_path / "nan")
+        fit(nan_net(), toy_data, train={"epochs": 1, "log_every": 1, **QUIET}, out_dir=tmp_path / "nan")
 
 
 def test_grad_clip_bounds_the_update(toy_data, tiny_net):

@@ -328,16 +328,7 @@ def test_tensorboard_scalars_are_written(tmp_path, toy_data, tiny_net):
     assert (out / "metrics.jsonl").is_file()  # alongside, not instead
 
 
-class _NaNNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(3, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.mean(dim=(2, 3))) * float("nan")
-
-
-def test_tensorboard_writer_is_closed_after_success_and_error(tmp_path, toy_data, tiny_net, monkeypatch):
+def test_tensorboard_writer_is_closed_after_success_and_error(tmp_path, toy_data, tiny_net, nan_net, monkeypatch):
     pytest.importorskip("tensorboard")
     import torch.utils.tensorboard as tb
 
@@ -360,7 +351,7 @@ def test_tensorboard_writer_is_closed_after_success_and_error(tmp_path, toy_data
 
     def failing_run() -> None:
         try:
-            fit(_NaNNet(), toy_data, train=train, out_dir=tmp_path / "nan")
+            fit(nan_net(), toy_data, train=train, out_dir=tmp_path / "nan")
         except KDForgeError:
             return
         raise AssertionError("the run should stop on the non-finite loss")

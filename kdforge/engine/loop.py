@@ -177,6 +177,10 @@ class _StopRequest:
         self._previous.clear()
 
 
+def _params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def update_step(
     step_fn: Callable[[Batch, Progress], StepOutput],
     batch: Batch,
@@ -206,7 +210,6 @@ def update_step(
         result = step_fn(batch, progress)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(result.loss).backward()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def undo() -> tuple[StepOutput, bool]:
         optimizer.zero_grad(set_to_none=True)
@@ -217,9 +220,9 @@ def update_step(
 
     if grad_clip is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        torch.nn.utils.clip_grad_norm_(_params(optimizer), grad_clip)
     if skip_nonfinite and not scaler.is_enabled():
-        grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+        grads = [p.grad.detach().float().norm() for p in _params(optimizer) if p.grad is not None]
         finite = torch.isfinite(result.loss.detach()).all()
         if grads:
             finite = finite & torch.isfinite(torch.stack(grads)).all()

@@ -39,6 +39,9 @@ class Embed(nn.Module):
         return F.normalize(self.linear(x.flatten(1)), dim=1)
 
 
+_ONE_CLASS = "CRD negatives=other_class: every training sample has the anchor's class"
+
+
 @METHODS.register("crd")
 class CRD(Method):
     """``L = γ·CE(z_s, y) + β·(L_NCE(student anchors, teacher bank) + L_NCE(teacher anchors, student bank))``.
@@ -144,6 +147,10 @@ class CRD(Method):
         self._seed = int(torch.randint(0, 2**62, ()).item())
         self._gen: torch.Generator | None = None
         self._pending_state: Tensor | None = None
+        # With every label known up front the class blocks never change: computed once (per device), so the
+        # step does no argsort over N labels and no host check.
+        self._labels_known = train_targets is not None
+        self._blocks: tuple[Tensor, Tensor, Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------- sampling
 
@@ -166,28 +173,41 @@ class CRD(Method):
         r = (u * high[:, None].double()).long()
         return torch.minimum(r, high[:, None] - 1)  # u·high rounds up to high only at u → 1
 
+    def _class_blocks(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(order, counts, starts)``: indices grouped by label (unseen, -1, first), so class ``y`` occupies
+        ``order[starts[y + 1] : starts[y + 1] + counts[y + 1]]``."""
+        labels = self.bank_label
+        if self._blocks is not None and self._blocks[0].device == labels.device:
+            return self._blocks
+        order = torch.argsort(labels, stable=True)
+        counts = torch.bincount(labels + 1)
+        blocks = order, counts, counts.cumsum(0) - counts
+        if self._labels_known:
+            if self.negatives == "other_class" and bool((counts == self.num_train).any()):
+                raise ValueError(_ONE_CLASS)
+            self._blocks = blocks
+        return blocks
+
     @torch.no_grad()
     def sample_contrast(self, index: Tensor, target: Tensor) -> Tensor:
         """Bank rows to score for each sample: the positive in column 0, then ``K`` negatives.
 
         Args:
             index: ``[B]`` dataset indices.
-            target: ``[B]`` labels (recorded into ``bank_label``).
+            target: ``[B]`` labels (recorded into ``bank_label`` unless every label was given up front).
 
         Returns:
             ``[B, K + 1]`` int64 indices into the banks.
         """
         n, k = self.num_train, self.nce_k
         index, target = index.to(self.bank_label.device), target.to(self.bank_label.device)
-        self.bank_label[index] = target
+        if not self._labels_known:
+            self.bank_label[index] = target
         if self.mode == "exact" and self.negatives == "uniform":
             r = self._below(torch.full_like(index, n - 1), k)
             neg = r + (r >= index[:, None]).long()  # skips the positive: uniform over the other N − 1 rows
             return torch.cat([index[:, None], neg], dim=1)
-        # Indices grouped by label (unseen, -1, first): class y occupies order[start_y : start_y + count_y].
-        order = torch.argsort(self.bank_label, stable=True)
-        counts = torch.bincount(self.bank_label + 1)
-        starts = counts.cumsum(0) - counts
+        order, counts, starts = self._class_blocks()
         start, count = starts[target + 1], counts[target + 1]
         pos = index if self.mode == "exact" else order[start + self._below(count, 1).squeeze(1)]
         if self.negatives == "uniform":
@@ -195,8 +215,8 @@ class CRD(Method):
             neg = r + (r >= pos[:, None]).long()
         else:
             rest = n - count
-            if bool((rest < 1).any()):
-                raise ValueError("CRD negatives=other_class: every training sample has the anchor's class")
+            if not self._labels_known and bool((rest < 1).any()):
+                raise ValueError(_ONE_CLASS)
             r = self._below(rest, k)
             neg = order[r + (r >= start[:, None]).long() * count[:, None]]  # jumps over the class block
         return torch.cat([pos[:, None], neg], dim=1)
