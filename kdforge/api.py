@@ -19,6 +19,7 @@ from torch import nn
 
 from kdforge.config import DataConfig, RunConfig, config_from_dict, deep_merge, load_yaml, validate
 from kdforge.data import DataBundle, build_data
+from kdforge.engine import distributed
 from kdforge.engine.checkpoint import CHECKPOINT_FORMAT, atomic_write_json, load_checkpoint
 from kdforge.engine.env import resolve_device, seed_everything
 from kdforge.engine.loop import FitResult, evaluate, fit
@@ -63,7 +64,9 @@ def build_network(name: str, num_classes: int, checkpoint: str | Path | None = N
 
 
 def data_from_config(d: DataConfig, device: torch.device, *, seed: int = 0, channels_last: bool = False) -> DataBundle:
-    """``build_data`` with the keys of a ``DataConfig`` (channels_last applies on CUDA only)."""
+    """``build_data`` with the keys of a ``DataConfig`` (channels_last applies on CUDA only), sharded for this process
+    when torchrun started several (``data.batch_size`` is then per process)."""
+    info = distributed.current()
     return build_data(
         d.name,
         root=d.root,
@@ -77,19 +80,26 @@ def data_from_config(d: DataConfig, device: torch.device, *, seed: int = 0, chan
         test_subset=d.test_subset,
         device=device,
         seed=seed,
+        rank=info.rank,
+        world_size=info.world_size,
         channels_last=channels_last and device.type == "cuda",
         views=d.views,
         jda_p=d.jda_p,
         jda_ops=d.jda_ops,
         bad_images=d.bad_images,
+        replay_views=d.replay_views,
     )
 
 
 def build_run(
     cfg: RunConfig, command: Literal["train", "distill"] = "distill", device: torch.device | None = None
 ) -> tuple[Method, DataBundle]:
-    """Data, networks and method for a validated config (model init is seeded by ``train.seed``)."""
+    """Data, networks and method for a validated config (model init is seeded by ``train.seed``).
+
+    Under torchrun this joins the process group first (:func:`kdforge.engine.distributed.init_distributed`).
+    """
     validate(cfg, command)
+    distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     device = device or resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     d = cfg.data
@@ -128,12 +138,17 @@ def run(
     resume: bool = False,
     force: bool = False,
 ) -> FitResult:
-    """Everything ``kdforge train``/``distill`` does: build, report the teacher, train, write the run directory."""
+    """Everything ``kdforge train``/``distill`` does: build, report the teacher, train, write the run directory.
+
+    Under torchrun every process calls this; rank 0 prints and writes.
+    """
     method, data = build_run(cfg, command)
+    info = distributed.current()
     teacher_eval = None
     device = resolve_device(cfg.train.device)
     if method.teacher is not None:
         teacher_eval = evaluate(method.teacher.to(device), data.test, device=device, precision=cfg.train.precision)
+    if teacher_eval is not None and info.is_main:
         # One line even without progress output: a wrong teacher checkpoint shows up here, before training.
         print(
             f"teacher {cfg.teacher.name}: test top-1 {teacher_eval['top1']:.2f}%  "  # type: ignore[union-attr]
@@ -151,7 +166,7 @@ def run(
         resume=resume,
         force=force,
     )
-    if result.out_dir is not None:
+    if result.out_dir is not None and info.is_main:
         summary_path = result.out_dir / "summary.json"
         summary = json.loads(summary_path.read_text())
         summary.update(

@@ -7,6 +7,11 @@ at a time (pad-and-crop, flip, to-tensor, normalize), fp32, eager, the teacher's
 the same method class on the same models and data, so their ratio isolates what kdforge's data path and execution
 settings buy. Warm-up steps (and compilation) are timed separately and excluded from the steady-state numbers.
 Machines are noisy, so the ratio, measured in one process minutes apart, is the headline.
+
+With ``teacher_cache`` a third path, ``kdforge+cache``, runs the kdforge path with the teacher's logits cached
+(:mod:`kdforge.engine.teacher_cache`); that needs inputs that repeat, so it goes with ``augment=False`` or
+``replay_views=K``, which then apply to both kdforge paths (and ``augment=False`` to the reference too). The one-off
+fill pass is timed on its own (``teacher_cache.fill_s``), outside the steady-state numbers.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from kdforge.engine.checkpoint import atomic_write_json
 from kdforge.engine.env import resolve_device, resolve_precision, seed_everything
 from kdforge.engine.loop import update_step
 from kdforge.engine.optim import build_optimizer
+from kdforge.engine.teacher_cache import attach_teacher_cache
 from kdforge.errors import ConfigError
 from kdforge.methods import METHODS, Method, Progress, create_method
 from kdforge.models import create_model
@@ -45,7 +51,7 @@ class BenchResult:
     """Timing of one training path.
 
     Attributes:
-        path: ``kdforge`` or ``reference``.
+        path: ``kdforge``, ``kdforge+cache`` (teacher logits cached) or ``reference``.
         img_per_s: steady-state training images per second.
         ms_per_step: steady-state milliseconds per optimizer step (the median round).
         warmup_s: wall time of the warm-up steps (compilation included).
@@ -72,6 +78,7 @@ class PILCifarDataset(Dataset):
         labels: ``[N]`` int64.
         mean, std: per-channel normalization.
         padding: zero padding of the random crop.
+        augment: crop and flip; ``False`` keeps every image as it is (to-tensor and normalize only).
     """
 
     def __init__(
@@ -81,12 +88,13 @@ class PILCifarDataset(Dataset):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         padding: int = 4,
+        augment: bool = True,
     ) -> None:
         self.images = np.ascontiguousarray(images.transpose(0, 2, 3, 1))  # PIL wants HWC
         self.labels = labels
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
-        self.padding = padding
+        self.padding, self.augment = padding, augment
         self.rng = random.Random(0)
 
     def __len__(self) -> int:
@@ -104,6 +112,8 @@ class PILCifarDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         img = Image.fromarray(self.images[i])
+        if not self.augment:
+            return self.transform(img, self.padding, self.padding, False), int(self.labels[i]), i  # the centre crop
         top = self.rng.randint(0, 2 * self.padding)
         left = self.rng.randint(0, 2 * self.padding)
         return self.transform(img, top, left, self.rng.random() < 0.5), int(self.labels[i]), i
@@ -192,15 +202,30 @@ def run_bench(
     workers: int | None = None,
     params: dict[str, Any] | None = None,
     seed: int = 0,
+    augment: bool = True,
+    replay_views: int = 0,
+    teacher_cache: bool = False,
 ) -> dict[str, Any]:
     """Time the kdforge path (and the reference loop) for ``method`` on ``teacher`` → ``student``.
 
     Teachers are randomly initialized: throughput does not depend on the weights, and the benchmark needs no
-    checkpoint. Returns a JSON-ready dict: ``settings``, ``results`` (one :class:`BenchResult` dict per path) and
-    ``speedup`` (kdforge img/s ÷ reference img/s, when the reference ran).
+    checkpoint. ``augment``/``replay_views`` are the data keys of the same names; ``teacher_cache`` also times the
+    kdforge path with the teacher's logits cached (path ``kdforge+cache``). Returns a JSON-ready dict: ``settings``,
+    ``results`` (one :class:`BenchResult` dict per path), ``speedup`` (kdforge img/s ÷ reference img/s, when the
+    reference ran) and, with ``teacher_cache``, ``teacher_cache`` (fill seconds, views, images, bytes and the
+    cached ÷ uncached img/s ``speedup``).
     """
-    if steps < 1 or warmup < 0 or batch_size < 1 or rounds < 1:
-        raise ConfigError("bench needs --steps >= 1, --warmup >= 0, --rounds >= 1 and --batch-size >= 1")
+    if steps < 1 or warmup < 0 or batch_size < 1 or rounds < 1 or replay_views < 0:
+        raise ConfigError(
+            "bench needs --steps >= 1, --warmup >= 0, --rounds >= 1, --batch-size >= 1 and --replay-views >= 0"
+        )
+    if replay_views and not augment:
+        raise ConfigError("bench: --replay-views replays crop/flip views, which --no-augment switches off")
+    if teacher_cache and augment and not replay_views:
+        raise ConfigError(
+            "bench --teacher-cache needs inputs that repeat: add --no-augment or --replay-views K (fresh random "
+            "crops would make cached teacher logits wrong)"
+        )
     cls = METHODS.get(method)
     if cls.needs_views or cls.needs_negatives:
         raise ConfigError(
@@ -233,25 +258,57 @@ def run_bench(
         }
         return create_method(method, s_net, t_net, context=context, **params)
 
-    bundle = build_data(
-        data, root=root, batch_size=batch_size, train_subset=subset, device=dev, seed=seed, channels_last=use_cl
-    )
-    precision_name = str(dtype).removeprefix("torch.")
-    paths = {
-        "kdforge": _TimedPath(
+    def make_bundle() -> Any:
+        return build_data(
+            data,
+            root=root,
+            batch_size=batch_size,
+            train_subset=subset,
+            device=dev,
+            seed=seed,
+            channels_last=use_cl,
+            augment=augment,
+            replay_views=replay_views,
+        )
+
+    def kdforge_path() -> _TimedPath:
+        # Each kdforge path iterates a loader of its own: interleaved rounds must not share one loader's epoch.
+        return _TimedPath(
             make_method(),
-            _cycle(bundle.train),
+            _cycle(train_data.train),
             device=dev,
             dtype=dtype,
             compile_model=compile_model,
             channels_last=use_cl,
             optim=optim,
         )
-    }
-    labels = {"kdforge": f"{precision_name}, channels_last={use_cl}, compile={compile_model}, data on {dev.type}"}
+
+    bundle = train_data = make_bundle()
+    precision_name = str(dtype).removeprefix("torch.")
+    crops = f"{replay_views} replayed crop/flip views" if replay_views else "random crop/flip" if augment else "no aug"
+    kd_label = f"{precision_name}, channels_last={use_cl}, compile={compile_model}, data on {dev.type}, {crops}"
+    paths = {"kdforge": kdforge_path()}
+    labels = {"kdforge": kd_label}
+    cache_info: dict[str, Any] | None = None
+    if teacher_cache:
+        train_data = make_bundle()
+        paths["kdforge+cache"] = cached = kdforge_path()
+        _sync(dev)
+        t0 = time.perf_counter()
+        attach_teacher_cache(cached.method, train_data, mode="on", device=dev, dtype=dtype)
+        _sync(dev)
+        table = cached.method.teacher_cache
+        assert table is not None
+        cache_info = {
+            "fill_s": time.perf_counter() - t0,
+            "views": table.shape[0],
+            "images": table.shape[1],
+            "bytes": table.numel() * table.element_size(),
+        }
+        labels["kdforge+cache"] = f"{kd_label}, teacher logits cached"
     if reference:
         idx = np.arange(subset)
-        dataset = PILCifarDataset(source.train_images[idx], source.train_labels[idx], mean, std)
+        dataset = PILCifarDataset(source.train_images[idx], source.train_labels[idx], mean, std, augment=augment)
         loader = DataLoader(
             dataset,
             batch_size=batch_size,
@@ -272,7 +329,9 @@ def run_bench(
             channels_last=False,
             optim=optim,
         )
-        labels["reference"] = f"float32, eager, PIL per sample, {n_workers} workers"
+        labels["reference"] = f"float32, eager, PIL per sample, {n_workers} workers, " + (
+            "random crop/flip" if augment else "no aug"
+        )
     warmup_s = {name: path.run(warmup) for name, path in paths.items()}
     # Rounds alternate between the paths so a burst of load on a shared machine hits both; the median round is
     # reported.
@@ -285,13 +344,11 @@ def run_bench(
             seconds[name].append(path.run(steps))
             peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
             peaks[name] = peak if peaks.get(name) is None else max(peaks[name] or 0.0, peak or 0.0)
-    results = []
+    results: dict[str, BenchResult] = {}
     for name in paths:
         median = statistics.median(seconds[name])
-        results.append(
-            BenchResult(
-                name, steps * batch_size / median, 1000.0 * median / steps, warmup_s[name], peaks[name], labels[name]
-            )
+        results[name] = BenchResult(
+            name, steps * batch_size / median, 1000.0 * median / steps, warmup_s[name], peaks[name], labels[name]
         )
     out: dict[str, Any] = {
         "settings": {
@@ -308,12 +365,18 @@ def run_bench(
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "params": params,
+            "augment": augment,
+            "replay_views": replay_views,
+            "teacher_cache": teacher_cache,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         },
-        "results": [asdict(r) for r in results],
+        "results": [asdict(r) for r in results.values()],
     }
     if reference:
-        out["speedup"] = results[0].img_per_s / results[1].img_per_s
+        out["speedup"] = results["kdforge"].img_per_s / results["reference"].img_per_s
+    if cache_info is not None:
+        cache_info["speedup"] = results["kdforge+cache"].img_per_s / results["kdforge"].img_per_s
+        out["teacher_cache"] = cache_info
     return out
 
 
@@ -337,6 +400,13 @@ def format_bench(report: dict[str, Any]) -> str:
         )
     if "speedup" in report:
         lines += ["", f"kdforge / reference: **{report['speedup']:.2f}×**"]
+    if "teacher_cache" in report:
+        c = report["teacher_cache"]
+        lines += [
+            "",
+            f"kdforge+cache / kdforge: **{c['speedup']:.2f}×**; the cache ({c['views']} views × {c['images']:,} "
+            f"images, {c['bytes'] / 2**20:.1f} MiB) took {c['fill_s']:.2f} s to fill, once per run",
+        ]
     return "\n".join(lines)
 
 

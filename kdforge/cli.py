@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -122,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW on CUDA")
     p.add_argument("--no-reference", action="store_true", help="time only the kdforge path")
     p.add_argument("--workers", type=int, default=None, help="reference DataLoader workers (default min(4, cores))")
+    p.add_argument("--no-augment", action="store_true", help="no crop/flip (data.augment=false) on every path")
+    p.add_argument("--replay-views", type=int, default=0, metavar="K", help="K fixed crop/flip views per image")
+    p.add_argument(
+        "--teacher-cache", action="store_true", help="also time kdforge with cached teacher logits (kdforge+cache)"
+    )
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     p.add_argument("params", nargs="*", metavar="KEY=VALUE", help="method parameters, e.g. temperature=4")
     p = sub.add_parser("demo", help="teacher, student alone, KD and ATF on the embedded CIFAR-10 subset")
@@ -136,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_command(args: argparse.Namespace) -> int:
     from kdforge.api import run
     from kdforge.config import dump_yaml, load_config, validate
+    from kdforge.engine import distributed
 
     defaults = {"method": {"name": "vanilla" if args.command == "train" else "kd"}}
     if args.resume and args.out and (Path(args.out) / "config.yaml").is_file() and not args.config:
@@ -146,9 +153,15 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
-    out = args.out or f"runs/{args.command}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    # Under torchrun the ranks may start in different seconds: rank 0's default name is everyone's.
+    out = args.out or distributed.broadcast_object(
+        f"runs/{args.command}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     result = run(cfg, args.command, out, resume=args.resume, force=args.force)
-    print(f"run directory: {result.out_dir}")
+    distributed.shutdown()  # only after success: see its docstring
+    if info.is_main:
+        print(f"run directory: {result.out_dir}")
     return 0
 
 
@@ -383,6 +396,9 @@ def _bench_command(args: argparse.Namespace) -> int:
         reference=not args.no_reference,
         workers=args.workers,
         params=apply_overrides({}, args.params),
+        augment=not args.no_augment,
+        replay_views=args.replay_views,
+        teacher_cache=args.teacher_cache,
     )
     print(format_bench(report))
     if args.json:
@@ -406,12 +422,18 @@ COMMANDS = {
 }
 
 
+def _rank_tag() -> str:
+    """`` (rank R/W)`` under torchrun, where every process reports its own errors; empty otherwise."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {os.environ.get('RANK', '?')}/{world})" if world not in ("", "1") else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except (KDForgeError, UnknownNameError) as err:
-        print(f"kdforge: error: {err}", file=sys.stderr)
+        print(f"kdforge: error{_rank_tag()}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kdforge: interrupted", file=sys.stderr)

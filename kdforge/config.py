@@ -58,6 +58,9 @@ class DataConfig:
     # Image folders: an undecodable image either stops the run naming the file ("fail") or is dropped from its
     # batch and counted in metrics.jsonl as skipped_images ("skip").
     bad_images: Literal["fail", "skip"] = "fail"
+    # K > 0: every training sample gets K fixed crop/flip views and each epoch shows one of them, so a frozen
+    # teacher's logits can be cached exactly (train.teacher_cache). Needs augment=true, views=none, an in-memory set.
+    replay_views: int = 0
 
 
 @dataclass
@@ -103,12 +106,23 @@ class TrainConfig:
     # most N steps; --resume continues from that batch with the same data order and random state.
     checkpoint_every: int = 0
     # A step with a non-finite loss or gradient: "stop" the run (checked at the log points, no per-step host sync)
-    # or "skip" it and count it in metrics.jsonl (one host read per step; parameters and optimizer state untouched).
+    # or "skip" it and count it in metrics.jsonl (decided on the device, no host read; one copy of the parameters and
+    # optimizer state per step; parameters, optimizer state and buffers stay as before the step).
     nonfinite: Literal["stop", "skip"] = "stop"
     progress: bool = True
     deterministic: bool = False
     # Per-epoch scalars also to <run dir>/tensorboard/ (needs the extra: pip install 'kdforge[tensorboard]').
     tensorboard: bool = False
+    # Micro-batches per optimizer step: gradients of grad_accum batches are averaged before one update (under DDP
+    # the first grad_accum - 1 skip the all-reduce). The effective batch is world_size x batch_size x grad_accum.
+    grad_accum: int = 1
+    # Distributed runs (torchrun): convert the student's BatchNorm to SyncBatchNorm (CUDA only), and how long a
+    # collective may wait for a silent peer before the run fails instead of hanging.
+    sync_bn: bool = False
+    dist_timeout_s: float = 600.0
+    # Teacher-output reuse: "auto" caches the frozen teacher's logits per sample when every epoch shows the teacher
+    # the same input for that sample (see docs/PERFORMANCE.md), "on" insists (an error says why it can't), "off".
+    teacher_cache: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
@@ -178,9 +192,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         choices = typing.get_args(tp)
         if value in choices:
             return value
-        hints = close_matches(str(value), [str(c) for c in choices])
+        hints = close_matches(value, [str(c) for c in choices]) if isinstance(value, str) else []
         hint = f" (did you mean {hints[0]!r}?)" if hints else ""
-        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}{hint}")
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {_show(value)}{hint}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise _type_error(value, tp, key)
@@ -201,14 +215,23 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise _type_error(value, tp, key)
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            # YAML reads integers of any size (0x... of thousands of digits); past 64 bits none is meaningful, and
+            # one past Python's 4300-digit limit would make every message that prints it raise ValueError.
+            if not -(2**63) <= value < 2**63:
+                raise ConfigError(f"{key} must be an integer within 64 bits, got one of {value.bit_length()} bits")
+            return value
         raise _type_error(value, tp, key)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer past the float range (about 1.8e308)
+                raise ConfigError(
+                    f"{key} must be a number within ±1.8e308, got an integer of {value.bit_length()} bits"
+                ) from None
         if isinstance(value, str):
             try:
                 return float(value)
@@ -227,17 +250,25 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _type_error(value: Any, tp: Any, key: str) -> ConfigError:
-    return ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return ConfigError(f"{key} must be {_type_name(tp)}, got {_show(value)} ({type(value).__name__})")
+
+
+def _show(value: Any) -> str:
+    """``repr(value)`` for an error message; YAML can hold values whose repr raises."""
+    try:
+        return repr(value)
+    except (ValueError, RecursionError):  # an int past Python's 4300-digit limit (YAML hex), very deep nesting
+        return f"an {type(value).__name__}" if isinstance(value, int) else f"a {type(value).__name__}"
 
 
 def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:
-    full = f"{prefix}{key}"
+    full = repr(f"{prefix}{key}")  # quoted; a line break in a YAML key shows as \n and the message stays one line
     hints = close_matches(key, valid)
     if hints:
         hint = "closest valid keys: " + ", ".join(f"{prefix}{h}" for h in hints)
     else:
         hint = "valid keys: " + ", ".join(f"{prefix}{v}" for v in valid)
-    return ConfigError(f"unknown config key '{full}'; {hint}")
+    return ConfigError(f"unknown config key {full}; {hint}")
 
 
 def _dataclass_from_dict(cls: type, data: Any, prefix: str) -> Any:
@@ -255,7 +286,9 @@ def _dataclass_from_dict(cls: type, data: Any, prefix: str) -> Any:
         tp = hints[key]
         sub = _dataclass_type(tp)
         if sub is not None:
-            values[key] = None if value is None else _dataclass_from_dict(sub, value, f"{prefix}{key}.")
+            # null only where the section may be absent (teacher); `model: null` fails here, not in validate.
+            optional = value is None and sub is not tp
+            values[key] = None if optional else _dataclass_from_dict(sub, value, f"{prefix}{key}.")
         else:
             values[key] = coerce(value, tp, f"{prefix}{key}")
     return cls(**values)
@@ -332,12 +365,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(path.read_text())
+        # The copy makes a tree of the document: an alias inside its own anchor (`a: &x [*x]`) fails here, not
+        # later in the merge.
+        data = _deep_copy(yaml.safe_load(path.read_text(encoding="utf-8")))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text file; pass a YAML config to --config") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}: {problem}{where}; fix the YAML syntax") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply or has an alias that contains itself; fix the YAML") from None
+    except ValueError as err:  # PyYAML's constructors: a date like 2001-13-45, an int past 4300 digits
+        raise ConfigError(f"{path}: {err}; fix the YAML value") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):
@@ -357,7 +398,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} has an empty key; write it like optim.lr=0.1")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: PyYAML's date/int constructors
         value = raw
     return key.split("."), value
 
@@ -436,7 +477,7 @@ def check_method_params(cls: type, params: Mapping[str, Any], prefix: str = "met
         if key not in sig:
             if key in CONTEXT_ARGS:
                 raise ConfigError(f"{prefix}{key} is set by kdforge from the run itself; remove it from the config")
-            raise _unknown_key(key, sorted(sig), prefix)
+            raise _unknown_key(str(key), sorted(sig), prefix)  # YAML keys can be ints or bools (`yes:`)
         out[key] = coerce(value, hints.get(key, Any), f"{prefix}{key}")
     return out
 
@@ -465,7 +506,7 @@ def validate(cfg: RunConfig, command: Literal["train", "distill"] = "distill") -
         if name not in names:
             hints = close_matches(name, names)
             hint = f"did you mean {', '.join(repr(h) for h in hints)}? " if hints else ""
-            raise ConfigError(f"{key}: unknown {what} '{name}'; {hint}run `kdforge {what}s` to list them")
+            raise ConfigError(f"{key}: unknown {what} {name!r}; {hint}run `kdforge {what}s` to list them")
 
     models = list_models()
     known(cfg.model.name, models, "model", "model.name")
@@ -530,6 +571,11 @@ def validate(cfg: RunConfig, command: Literal["train", "distill"] = "distill") -
     _require(
         t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0 (0 = epoch ends only), got {t.checkpoint_every}"
     )
+    _require(t.grad_accum >= 1, f"train.grad_accum must be at least 1, got {t.grad_accum}")
+    _require(
+        math.isfinite(t.dist_timeout_s) and t.dist_timeout_s > 0,
+        f"train.dist_timeout_s must be a positive number of seconds, got {t.dist_timeout_s}",
+    )
     if t.tensorboard:
         from kdforge.engine.logging import TENSORBOARD_HINT, tensorboard_available
 
@@ -541,9 +587,13 @@ def validate(cfg: RunConfig, command: Literal["train", "distill"] = "distill") -
     _require(all(0 <= b < 1 for b in o.betas), f"optim.betas must each be in [0, 1), got {list(o.betas)}")
     _require(not o.nesterov or o.momentum > 0, "optim.nesterov needs optim.momentum > 0")
     _require(0 < s.gamma <= 1, f"schedule.gamma must be in (0, 1], got {s.gamma}")
-    _require(s.warmup_epochs >= 0, f"schedule.warmup_epochs must be >= 0, got {s.warmup_epochs}")
+    # inf passes a plain >= 0 yet overflows round(warmup_epochs * steps) when the scheduler is built.
+    _require(
+        math.isfinite(s.warmup_epochs) and s.warmup_epochs >= 0,
+        f"schedule.warmup_epochs must be a finite number >= 0, got {s.warmup_epochs}",
+    )
     _require(0 < s.warmup_start <= 1, f"schedule.warmup_start must be in (0, 1], got {s.warmup_start}")
-    _require(s.min_lr >= 0, f"schedule.min_lr must be >= 0, got {s.min_lr}")
+    _require(math.isfinite(s.min_lr) and s.min_lr >= 0, f"schedule.min_lr must be a finite number >= 0, got {s.min_lr}")
     _require(
         list(s.milestones) == sorted(s.milestones) and all(m > 0 for m in s.milestones),
         f"schedule.milestones must be increasing positive epochs, got {list(s.milestones)}",
@@ -554,6 +604,16 @@ def validate(cfg: RunConfig, command: Literal["train", "distill"] = "distill") -
     for key in ("train_subset", "test_subset", "image_size"):
         value = getattr(d, key)
         _require(value is None or value >= 1, f"data.{key} must be positive or null, got {value}")
+    _require(d.replay_views >= 0, f"data.replay_views must be >= 0 (0 = fresh crops every epoch), got {d.replay_views}")
+    if d.replay_views:
+        from kdforge.data import DATASETS
+
+        _require(d.augment, "data.replay_views replays crop/flip views but data.augment=false: set data.replay_views=0")
+        _require(d.views == "none", f"data.replay_views cannot replay data.views={d.views}: set data.replay_views=0")
+        _require(
+            DATASETS.meta(d.name).get("kind") != "folder",
+            f"data.replay_views needs an in-memory dataset (embedded, cifar10, cifar100, cifar10_jpeg), not '{d.name}'",
+        )
     for key, mc in (("model", cfg.model), ("teacher", cfg.teacher)):
         if mc is not None and mc.num_classes is not None:
             _require(mc.num_classes >= 1, f"{key}.num_classes must be at least 1, got {mc.num_classes}")

@@ -18,17 +18,18 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 class TinyNet(nn.Module):
-    """A 2-stage conv net for 8×8 inputs; ``num_classes`` outputs."""
+    """A 2-stage conv net for 8×8 inputs; ``num_classes`` outputs. ``norm=False`` drops BatchNorm, whose per-batch
+    statistics would make a 2-process run differ from one process on the concatenated batch."""
 
-    def __init__(self, num_classes: int = 4, width: int = 8) -> None:
+    def __init__(self, num_classes: int = 4, width: int = 8, norm: bool = True) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.body = nn.Sequential(
             nn.Conv2d(3, width, 3, padding=1),
-            nn.BatchNorm2d(width),
+            nn.BatchNorm2d(width) if norm else nn.Identity(),
             nn.ReLU(),
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
-            nn.BatchNorm2d(2 * width),
+            nn.BatchNorm2d(2 * width) if norm else nn.Identity(),
             nn.ReLU(),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),

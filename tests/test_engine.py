@@ -289,3 +289,25 @@ def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
     atomic_write_text(tmp_path / "a.txt", "x")
     (tmp_path / "b.txt").write_text("x")
     assert os.stat(tmp_path / "a.txt").st_mode == os.stat(tmp_path / "b.txt").st_mode
+
+
+def test_gradient_accumulation_equals_the_larger_batch():
+    from dist_worker import OPTIM, TRAIN, make_data, make_method
+
+    results = []
+    for batch_size, accum in ((16, 1), (8, 2), (4, 4)):
+        method = make_method("kd", norm=False)  # BN-free: a micro-batch's statistics would differ from the batch's
+        history = fit(
+            method,
+            make_data(0, 1, batch_size),
+            train={**TRAIN, "epochs": 2, "grad_accum": accum},
+            optim=OPTIM,
+            schedule={"name": "cosine"},
+        ).history
+        results.append((method.student.state_dict(), history))
+    (want, want_hist), *others = results
+    for got, hist in others:
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6)
+        assert [h["step"] for h in hist] == [h["step"] for h in want_hist] == [6, 12]  # optimizer updates
+        assert hist[-1]["train_loss"] == pytest.approx(want_hist[-1]["train_loss"], rel=1e-5)

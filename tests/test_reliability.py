@@ -211,7 +211,7 @@ def test_skipped_step_changes_nothing(tiny_net, toy_data, poison):
         bad.input[0] = float("nan")
     else:  # finite loss, infinite gradient
         handle = method.student.fc.weight.register_hook(lambda g: g * float("inf"))
-    result, applied = update_step(method, bad, progress, *args)
+    (result,), applied = update_step(method, bad, progress, *args)
     if poison == "gradient":
         handle.remove()
         assert torch.isfinite(result.loss)
@@ -236,3 +236,37 @@ def test_nonfinite_steps_are_skipped_and_counted_or_stop_the_run(tiny_net, toy_d
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
     with pytest.raises(KDForgeError, match="training loss became nan"):
         fit(tiny_net(), toy_data, train=train, out_dir=tmp_path / "stop")
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_a_skipped_first_step_leaves_the_state_of_a_fresh_optimizer(tiny_net, toy_data, optimizer_name):
+    from kdforge.engine.loop import update_step
+    from kdforge.methods import Progress, create_method
+
+    batches = iter(toy_data.train)
+    good, bad = next(batches), next(batches)
+    bad.input = bad.input.clone()
+    bad.input[0] = float("nan")
+    progress = Progress(0, 0, 0.0, 0.0)
+
+    def make():
+        method = create_method("vanilla", tiny_net(seed=0), None, context={"num_classes": 4})
+        method.train()
+        if optimizer_name == "sgd":
+            opt = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        else:
+            opt = torch.optim.AdamW(method.parameters(), lr=0.01)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        return method, (opt, scaler, torch.device("cpu"), torch.float32, None, True, list(method.buffers()))
+
+    skipped, args = make()
+    _, applied = update_step(skipped, bad, progress, *args)
+    # The verdict stays a device tensor: the loop masks the step's losses with it and reads it once per epoch.
+    assert isinstance(applied, torch.Tensor) and applied.shape == () and not applied
+    for _ in range(2):
+        update_step(skipped, good, progress, *args)
+    fresh, fresh_args = make()
+    for _ in range(2):
+        update_step(fresh, good, progress, *fresh_args)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(skipped.state_dict()[key], value), key

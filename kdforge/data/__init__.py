@@ -88,6 +88,7 @@ def _array_bundle(
     channels_last: bool,
     views: JDAPolicy | None,
     negatives: bool,
+    replay_views: int = 0,
 ) -> DataBundle:
     tr = balanced_subset(data.train_labels, train_subset)
     te = balanced_subset(data.test_labels, test_subset)
@@ -102,6 +103,7 @@ def _array_bundle(
         channels_last=channels_last,
         views=views,
         negatives=negatives,
+        replay_views=replay_views,
         **common,
     )
     test = TensorLoader(
@@ -245,6 +247,7 @@ def build_data(
     jda_ops: list[str] | None = None,
     negatives: bool = False,
     bad_images: Literal["fail", "skip"] = "fail",
+    replay_views: int = 0,
 ) -> DataBundle:
     """Build the train and test loaders of dataset ``name``.
 
@@ -268,6 +271,9 @@ def build_data(
             by itself (``bundle.train.negatives = True``) when the method needs it.
         bad_images: image folders only: ``fail`` on an undecodable image (naming it) or ``skip`` it (dropped from
             its batch and counted in ``loader.skipped_images``).
+        replay_views: in-memory datasets only: ``K > 0`` gives every training sample K fixed crop/flip views, one
+            shown per epoch (``Batch.view_id``), so a frozen teacher's logits can be cached exactly; needs
+            ``augment`` and ``views=none``. 0 (default) draws a fresh crop/flip every time.
     """
     builder = DATASETS.get(name)
     device = torch.device(device)
@@ -276,6 +282,11 @@ def build_data(
         policy = JDAPolicy.parse(jda_ops, jda_p) if jda_ops is not None else JDAPolicy(p=jda_p)
     elif views != "none":
         raise DataError(f"data.views must be none or jda, got {views!r}")
+    if replay_views < 0 or (replay_views and (not augment or views != "none")):
+        raise DataError(
+            f"data.replay_views={replay_views}: replayed crop/flip views need data.augment=true, data.views=none "
+            "and a count >= 0"
+        )
     source, mean, std = builder(root, download)
     common: dict[str, Any] = {
         "batch_size": batch_size,
@@ -293,8 +304,10 @@ def build_data(
     if isinstance(source, ArrayData):
         if image_size not in (None, source.train_images.shape[-1]):
             raise DataError(f"dataset '{name}' has {source.train_images.shape[-1]} px images; remove data.image_size")
-        bundle = _array_bundle(source, mean, std, augment_train=augment, **common)
+        bundle = _array_bundle(source, mean, std, augment_train=augment, replay_views=replay_views, **common)
     else:
+        if replay_views:
+            raise DataError(f"data.replay_views needs an in-memory dataset (embedded, cifar*), not '{name}'")
         size = image_size or DATASETS.meta(name)["image_size"]
         bundle = _folder_bundle(
             name, root, mean, std, image_size=size, num_workers=num_workers, bad_images=bad_images, **common

@@ -32,10 +32,27 @@ def random_crop(x: Tensor, padding: int = 4, generator: torch.Generator | None =
     """
     if padding == 0:
         return x
-    b, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+    b = x.shape[0]
     dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=x.device)
     dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=x.device)
+    return crop_at(x, dy, dx, padding)
+
+
+def crop_at(x: Tensor, dy: Tensor, dx: Tensor, padding: int = 4) -> Tensor:
+    """Per-sample crop of the original size from the zero-padded image, at given offsets.
+
+    Args:
+        x: ``[B, C, H, W]`` (any dtype).
+        dy, dx: ``[B]`` int64 top/left offsets into the padded image, each in ``[0, 2·padding]``.
+        padding: zero padding on each side.
+
+    Returns:
+        ``[B, C, H, W]``, same dtype.
+    """
+    if padding == 0:
+        return x
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # [B, H, 1]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # [B, 1, W]
     batch = torch.arange(b, device=x.device)[:, None, None]
@@ -46,6 +63,11 @@ def random_crop(x: Tensor, padding: int = 4, generator: torch.Generator | None =
 def random_hflip(x: Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> Tensor:
     """Flip each sample left-right with probability ``p``. ``x`` ``[B, C, H, W]`` → same shape."""
     flip = torch.rand(x.shape[0], generator=generator, device=x.device) < p
+    return hflip_where(x, flip)
+
+
+def hflip_where(x: Tensor, flip: Tensor) -> Tensor:
+    """Flip left-right the samples where ``flip`` ``[B]`` (bool) is set. ``x`` ``[B, C, H, W]`` → same shape."""
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
@@ -63,6 +85,8 @@ __all__ = [
     "CIFAR100_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "crop_at",
+    "hflip_where",
     "normalize",
     "random_crop",
     "random_hflip",

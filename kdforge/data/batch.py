@@ -20,6 +20,9 @@ class Batch:
         negative: ``[B, C, H, W]`` images of other-class training samples, one per sample, augmented like ``input``
             (triplet KD, AMKD: methods with ``needs_negatives``); ``None`` otherwise.
         negative_index: ``[B]`` int64 dataset indices of those samples; ``None`` without negatives.
+        view_id: ``[B]`` int64: which of the loader's ``replay_views`` fixed crop/flip views ``input`` shows for each
+            sample (``data.replay_views > 0``); ``None`` otherwise. With ``index`` it names the exact input, which is
+            what lets a teacher-output cache replace the teacher's forward.
     """
 
     input: Tensor
@@ -28,6 +31,7 @@ class Batch:
     views: tuple[Tensor, ...] = field(default_factory=tuple)
     negative: Tensor | None = None
     negative_index: Tensor | None = None
+    view_id: Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         def move(t: Tensor | None) -> Tensor | None:
@@ -40,6 +44,7 @@ class Batch:
             tuple(v.to(device, non_blocking=non_blocking) for v in self.views),
             move(self.negative),
             move(self.negative_index),
+            move(self.view_id),
         )
 
     def __len__(self) -> int:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from kdforge.data.augment import normalize
 from kdforge.data.batch import Batch
 from kdforge.data.jda import JDAPolicy, jda_augment
-from kdforge.data.loader import NegativeSampler, mix_seed
+from kdforge.data.loader import NegativeSampler, mix_seed, train_shard
 from kdforge.errors import DataError
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
@@ -147,7 +147,8 @@ class ImageFolderDataset(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Yields ``(index, epoch)``: a ``(seed, epoch)`` permutation cut into equal rank shards (train), or this rank's
+    """Yields ``(index, epoch)``: this rank's slices of the ``(seed, epoch)`` global batches (train, see
+    :func:`~kdforge.data.loader.train_shard`), or this rank's
     strided share in order (eval), from ``start_batch`` on. With ``negatives`` set (training only) it yields
     ``(index, epoch, negative)``, the negatives of batch ``b`` drawn from ``(seed, epoch, rank, b)``."""
 
@@ -160,10 +161,10 @@ class EpochSampler(Sampler):
     def indices(self) -> list[int]:
         if not self.train:
             return list(range(self.rank, self.n, self.world_size))
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch)))
-        per_rank = self.n // self.world_size
-        shard = perm[self.rank * per_rank : (self.rank + 1) * per_rank].tolist()
-        return shard[: len(shard) // self.batch_size * self.batch_size]  # drop_last for training
+        shard = train_shard(
+            self.n, self.batch_size, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size
+        )
+        return shard.tolist()
 
     def __iter__(self) -> Iterator[tuple[int, ...]]:
         todo = self.indices()[self.start_batch * self.batch_size :]
@@ -211,6 +212,7 @@ class FolderLoader:
         self.dataset, self.batch_size, self.train = dataset, batch_size, train
         self.mean, self.std, self.device = mean, std, torch.device(device)
         self.channels_last, self.views, self.seed, self.rank = channels_last, views, seed, rank
+        self.world_size = world_size
         self.num_samples = len(dataset)
         self._start = 0
         self.sampler = EpochSampler(len(dataset), batch_size, train=train, seed=seed, rank=rank, world_size=world_size)

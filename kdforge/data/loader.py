@@ -1,7 +1,9 @@
 """The device-resident loader for CIFAR-sized datasets: the whole uint8 set lives on the training device.
 
-Each epoch is a permutation of the dataset drawn from ``(seed, epoch)`` (identical on every rank), cut into equal
-disjoint rank shards and then into batches; augmentation randomness comes from ``(seed, epoch, rank, batch)``. A
+Each epoch is a permutation of the dataset drawn from ``(seed, epoch)`` (identical on every rank), cut into global
+batches of ``world_size × batch_size`` samples, and rank ``r`` takes the ``r``-th slice of each global batch
+(:func:`train_shard`). A run on ``W`` ranks with ``batch_size`` B therefore trains on exactly the samples, in the same
+order, of a one-process run with batch ``W·B``. Augmentation randomness comes from ``(seed, epoch, rank, batch)``. A
 batch is therefore a pure function of those numbers, which is what makes ``set_epoch(epoch, start_batch)`` resume
 an interrupted epoch bit-identically and lets every rank of a distributed run see its own shard.
 
@@ -9,6 +11,13 @@ Methods with ``needs_negatives`` (triplet KD, AMKD) also get, per sample, one tr
 drawn per batch by :class:`NegativeSampler` from the dataset's labels (by index, no second copy of the data), with
 randomness from ``(seed, epoch, rank, batch)`` on a stream of its own, so negatives resume exactly too and switching
 them on leaves the anchors' shuffling and augmentation unchanged.
+
+With ``replay_views = K > 0`` augmentation is *replayed* instead of drawn afresh: every training sample has K fixed
+crop/flip views, each a pure function of ``(seed, index, view)``, and each epoch shows sample ``index`` the view
+``hash(seed, epoch, index) mod K``. The network still sees a different crop from epoch to epoch, but only K distinct
+ones per sample, so a frozen teacher's logits for every ``(view, index)`` can be computed once and reused exactly
+(:mod:`kdforge.engine.teacher_cache`). The view of a sample depends on neither its rank nor its batch, so every rank
+of a distributed run agrees with the cache.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from kdforge.data.augment import normalize, random_crop, random_hflip
+from kdforge.data.augment import crop_at, hflip_where, normalize, random_crop, random_hflip
 from kdforge.data.batch import Batch
 from kdforge.data.jda import JDAPolicy, jda_augment
 
@@ -33,6 +42,52 @@ def mix_seed(*parts: int) -> int:
         h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * _MIX + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 29
     return h & 0x7FFFFFFFFFFFFFFF
+
+
+_M32 = 0xFFFFFFFF
+# Odd multipliers below 2**31: a 32-bit lane times one stays below 2**63, so int64 tensor arithmetic never overflows
+# and masking the product to 32 bits is exactly multiplication mod 2**32, the same on every device.
+_LANE_MUL = (0x5BD1E995, 0x27D4EB2F)
+
+
+def hash_indices(key: int, *columns: Tensor) -> Tensor:
+    """A 32-bit hash of each element of int64 tensors under a Python integer ``key``: :func:`mix_seed` for tensors.
+
+    Per-sample randomness that must not depend on which batch, rank or position a sample lands in (replayed views)
+    is a hash of the sample's index rather than a draw from a generator, computed on the tensors' device without a
+    host round trip.
+
+    Args:
+        key: any integer (e.g. a :func:`mix_seed`); its low and high 32 bits both enter the hash.
+        columns: int64 tensors of one shape (dataset indices, view ids), each taken mod 2**32.
+
+    Returns:
+        int64 tensor of that shape, values in ``[0, 2**32)``.
+    """
+    h = torch.full_like(columns[0], key & _M32)
+    for part in ((key >> 32) & _M32, *columns):
+        h = ((h ^ (part & _M32)) * _LANE_MUL[0]) & _M32
+        h = h ^ (h >> 16)
+    # Final avalanche, so that neighbouring indices (and views) land far apart in every bit.
+    h = ((h ^ (h >> 15)) * _LANE_MUL[1]) & _M32
+    h = ((h ^ (h >> 13)) * _LANE_MUL[0]) & _M32
+    return h ^ (h >> 16)
+
+
+def train_shard(n: int, batch_size: int, *, seed: int, epoch: int, rank: int, world_size: int) -> Tensor:
+    """This rank's training indices for ``epoch``, batch after batch (the last partial global batch is dropped).
+
+    The epoch's permutation of ``range(n)`` comes from ``(seed, epoch)`` and is the same on every rank; global batch
+    ``b`` is ``perm[b·W·B : (b+1)·W·B]`` and rank ``r`` takes its slice ``[r·B, (r+1)·B)``. For ``W = 1`` this is the
+    plain shuffled order. Every rank gets the same number of batches, so no rank waits at a collective for another.
+
+    Returns:
+        ``[num_batches · batch_size]`` int64 on the CPU.
+    """
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
+    num_batches = n // (world_size * batch_size)
+    grid = perm[: num_batches * world_size * batch_size].view(num_batches, world_size, batch_size)
+    return grid[:, rank].reshape(-1)
 
 
 class NegativeSampler:
@@ -92,6 +147,9 @@ class TensorLoader:
         padding: random-crop padding.
         negatives: training batches carry one other-class sample per anchor (``Batch.negative``); settable later
             through the ``negatives`` attribute.
+        replay_views: ``K > 0`` replays augmentation: each training sample has K fixed crop/flip views and each
+            epoch shows one of them (``Batch.view_id``); needs ``augment`` and no JDA ``views``. 0 draws a fresh
+            crop/flip per batch.
     """
 
     def __init__(
@@ -112,7 +170,12 @@ class TensorLoader:
         views: JDAPolicy | None = None,
         padding: int = 4,
         negatives: bool = False,
+        replay_views: int = 0,
     ) -> None:
+        if replay_views < 0:
+            raise ValueError(f"replay_views must be >= 0, got {replay_views}")
+        if replay_views and (not augment or views is not None):
+            raise ValueError("replay_views replays crop/flip augmentation: it needs augment=True and no JDA views")
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
         if len(images) != len(labels):
@@ -126,6 +189,7 @@ class TensorLoader:
         self.mean, self.std = mean, std
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.channels_last, self.views, self.padding = channels_last, views, padding
+        self.replay_views = replay_views
         self.num_samples = len(images)
         self.epoch, self.start_batch = 0, 0
         self._negatives: NegativeSampler | None = None
@@ -147,18 +211,44 @@ class TensorLoader:
     def _shard(self) -> Tensor:
         if not self.train:
             return torch.arange(self.num_samples)[self.rank :: self.world_size]
-        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-        perm = torch.randperm(self.num_samples, generator=g)
-        per_rank = self.num_samples // self.world_size  # equal shards: every rank runs the same number of steps
-        return perm[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return train_shard(
+            self.num_samples,
+            self.batch_size,
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
 
     def __len__(self) -> int:
-        n = len(self._shard()) if not self.train else self.num_samples // self.world_size
-        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+        if self.train:
+            return self.num_samples // (self.world_size * self.batch_size)
+        return math.ceil(len(range(self.rank, self.num_samples, self.world_size)) / self.batch_size)
 
-    def _finish(self, x: Tensor, g: torch.Generator | None) -> Tensor:
+    def _view_of(self, idx: Tensor, stream: int) -> Tensor | None:
+        """``[B]`` the replayed view each sample shows this epoch (``None`` without replay); ``stream`` separates
+        anchors from negatives."""
+        if not (self.train and self.replay_views):
+            return None
+        return hash_indices(mix_seed(self.seed, self.epoch, stream), idx) % self.replay_views
+
+    def _replay(self, x: Tensor, idx: Tensor, view: Tensor) -> Tensor:
+        # Offsets and flip come from (seed, index, view) alone: the same view of a sample is the same pixels in any
+        # epoch, batch, rank or cache pass.
+        span = 2 * self.padding + 1
+        h = hash_indices(mix_seed(self.seed, 5), idx, view)
+        dy, dx = h % span, (h // span) % span
+        return hflip_where(crop_at(x, dy, dx, self.padding), (h // (span * span)) % 2 == 1)
+
+    def _finish(
+        self, x: Tensor, g: torch.Generator | None, idx: Tensor | None = None, view: Tensor | None = None
+    ) -> Tensor:
         if self.train and self.augment:
-            x = random_hflip(random_crop(x, self.padding, g), g)
+            if view is not None:
+                assert idx is not None
+                x = self._replay(x, idx, view)
+            else:
+                x = random_hflip(random_crop(x, self.padding, g), g)
         out = normalize(x, self.mean, self.std)
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
@@ -173,14 +263,35 @@ class TensorLoader:
             views: tuple[Tensor, ...] = ()
             if self.train and self.views is not None:
                 views = (self._finish(jda_augment(raw, self.views, g), g),)
-            x = self._finish(raw, g)
+            view_id = self._view_of(idx, 4)
+            x = self._finish(raw, g, idx, view_id)
             neg = neg_idx = None
             if self.train and self._negatives is not None:
                 gn = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, self.epoch, self.rank, i, 3))
                 neg_idx = self._negatives(self.labels[idx], gn)
-                neg = self._finish(self.images[neg_idx], gn)
-            yield Batch(x, self.labels[idx], idx, views, neg, neg_idx)
+                neg = self._finish(self.images[neg_idx], gn, neg_idx, self._view_of(neg_idx, 6))
+            yield Batch(x, self.labels[idx], idx, views, neg, neg_idx, view_id)
         self.start_batch = 0
 
+    def iter_view(self, view: int, batch_size: int) -> Iterator[Batch]:
+        """Every training sample once, in index order, exactly as training shows it in replayed view ``view``.
 
-__all__ = ["NegativeSampler", "TensorLoader", "mix_seed"]
+        This is what a teacher-output cache runs the teacher on: the same crop/flip, normalization and memory format
+        as the training batches, but all ``N`` samples (not this rank's shard) in batches of ``batch_size``. Without
+        augmentation there is one view, 0: the plain training input.
+
+        Raises:
+            ValueError: an evaluation loader, random (unreplayed) augmentation or JDA views (no fixed inputs), or a
+                view outside ``[0, max(replay_views, 1))``.
+        """
+        if not self.train or self.views is not None or (self.augment and not self.replay_views):
+            raise ValueError("only a training loader without random augmentation or JDA views has fixed inputs")
+        if not 0 <= view < max(self.replay_views, 1):
+            raise ValueError(f"view {view} outside [0, {max(self.replay_views, 1)})")
+        for start in range(0, self.num_samples, batch_size):
+            idx = torch.arange(start, min(start + batch_size, self.num_samples), device=self.device)
+            view_id = torch.full_like(idx, view) if self.replay_views else None
+            yield Batch(self._finish(self.images[idx], None, idx, view_id), self.labels[idx], idx, view_id=view_id)
+
+
+__all__ = ["NegativeSampler", "TensorLoader", "hash_indices", "mix_seed", "train_shard"]

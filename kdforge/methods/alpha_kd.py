@@ -38,6 +38,7 @@ class AlphaKD(Method):
     family = "logit"
     paper = "Wang et al., AlphaNet: Improved Training of Supernets with Alpha-Divergence (ICML 2021)"
     summary = "KD with the adaptive (or a fixed) α-divergence instead of the KL"
+    teacher_cacheable = True
 
     def __init__(
         self,
@@ -67,7 +68,7 @@ class AlphaKD(Method):
         self.logit_norm, self.ln_scale = logit_norm, ln_scale
 
     def forward_train(self, batch: Batch, progress: Progress) -> StepOutput:
-        logits_t = self.teacher_logits(batch.input)
+        logits_t = self.teacher_outputs(batch)
         logits_s = self.student(batch.input)
         ce = self.ce_weight * cross_entropy(logits_s, batch.target)
         n_s = normalize_logits(logits_s, self.logit_norm, self.ln_scale)

@@ -72,6 +72,10 @@ class Method(nn.Module, abc.ABC):
     #: every training batch must carry ``Batch.negative``: one sample of another class per anchor (triplet KD, AMKD).
     needs_negatives: ClassVar[bool] = False
     trains_teacher: ClassVar[bool] = False
+    #: the frozen, eval-mode teacher's only job is logits of ``batch.input``, asked through :meth:`teacher_outputs`,
+    #: so they may be computed once per ``(view, sample)`` and reused when the data repeats
+    #: (:mod:`kdforge.engine.teacher_cache`). A subclass that overrides ``forward_train`` must declare it again.
+    teacher_cacheable: ClassVar[bool] = False
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None) -> None:
         super().__init__()
@@ -80,6 +84,10 @@ class Method(nn.Module, abc.ABC):
             teacher.requires_grad_(False)
             teacher.eval()
         object.__setattr__(self, "_frozen_teacher", teacher)
+        # A plain attribute, not a buffer: the cache is rebuilt at fit start and must stay out of state_dict,
+        # checkpoints and DDP's buffer broadcast.
+        self._teacher_cache: Tensor | None = None
+        self._teacher_cache_dtype = torch.float32
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -112,6 +120,41 @@ class Method(nn.Module, abc.ABC):
         assert self.teacher is not None
         return self.teacher(x)
 
+    def teacher_outputs(self, batch: Batch) -> Tensor:
+        """Frozen-teacher logits ``[B, C]`` of ``batch.input``.
+
+        With a cache attached (:meth:`set_teacher_cache`) they are gathered by ``(batch.view_id, batch.index)`` on
+        the device, no teacher forward and no host synchronisation; otherwise this is :meth:`teacher_logits`.
+        """
+        cache = self._teacher_cache
+        if cache is None:
+            return self.teacher_logits(batch.input)
+        if batch.view_id is None:
+            if cache.shape[0] != 1:
+                raise RuntimeError(f"the teacher cache holds {cache.shape[0]} views but the batch has no view_id")
+            rows = cache[0].index_select(0, batch.index)
+        else:
+            rows = cache[batch.view_id, batch.index]
+        # Back to the dtype the teacher's forward produced (bf16 under autocast): the round trip through float32 is
+        # exact, so the loss sees the very values an uncached step would.
+        return rows.to(self._teacher_cache_dtype)
+
+    def set_teacher_cache(self, logits: Tensor | None, dtype: torch.dtype = torch.float32) -> None:
+        """Serve :meth:`teacher_outputs` from ``logits`` (``None`` detaches the cache).
+
+        Args:
+            logits: ``[V, N, C]`` float32 on the training device: the teacher's logits of view ``v`` of training
+                sample ``n`` (``V = 1`` without replayed views).
+            dtype: the dtype the teacher's forward returned when the cache was filled; outputs are cast back to it.
+        """
+        self._teacher_cache = logits
+        self._teacher_cache_dtype = dtype
+
+    @property
+    def teacher_cache(self) -> Tensor | None:
+        """The attached ``[V, N, C]`` teacher-logit cache, or ``None``."""
+        return self._teacher_cache
+
     def forward_eval(self, x: Tensor) -> Tensor:
         """Student logits for evaluation."""
         return self.student(x)
@@ -128,6 +171,18 @@ class Method(nn.Module, abc.ABC):
         """Optimizer updates per batch. 1 for almost every method; DML's alternating mode updates each peer in
         turn on the same batch, so the engine calls ``forward_train`` once per peer with ``progress.substep``."""
         return 1
+
+    @property
+    def ddp_find_unused_parameters(self) -> bool:
+        """Whether some trainable parameters can get no gradient in a step (a teacher tuned only inside a window,
+        one DML peer per substep). DDP must then search the autograd graph for them every step, so it is asked
+        only for the methods and settings that need it."""
+        return False
+
+    def ddp_ignored_state(self) -> list[str]:
+        """Names of buffers the method keeps identical on every rank itself (from all-gathered updates), which DDP
+        must therefore not overwrite with rank 0's copy at every forward."""
+        return []
 
     def evaluators(self) -> dict[str, nn.Module]:
         """Extra networks the engine evaluates beside the student, by name (a fine-tuned teacher, peers, an

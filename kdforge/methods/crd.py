@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from kdforge.data.batch import Batch
+from kdforge.data.loader import mix_seed
+from kdforge.engine import distributed
 from kdforge.losses.feature import contrast_logits, crd_nce_loss, info_nce_loss
 from kdforge.losses.logit import cross_entropy
 from kdforge.methods.base import Method, Progress, StepOutput
@@ -158,7 +160,8 @@ class CRD(Method):
         device = self.bank_label.device
         if self._gen is None or self._gen.device != device:
             gen = torch.Generator(device=device)
-            gen.manual_seed(self._seed)
+            rank = distributed.current().rank  # every rank draws its own negatives
+            gen.manual_seed(self._seed if rank == 0 else mix_seed(self._seed, rank))
             if self._pending_state is not None:
                 # A state saved on another device type does not fit this generator; the seed then stands.
                 with contextlib.suppress(RuntimeError, TypeError, ValueError):
@@ -222,9 +225,22 @@ class CRD(Method):
         return torch.cat([pos[:, None], neg], dim=1)
 
     @torch.no_grad()
-    def _update_bank(self, bank: Tensor, index: Tensor, emb: Tensor) -> None:
-        rows = bank[index] * self.momentum + emb.detach().to(bank.dtype) * (1.0 - self.momentum)
-        bank.index_copy_(0, index, rows / rows.norm(dim=1, keepdim=True))
+    def _update_banks(self, index: Tensor, target: Tensor, v_s: Tensor, v_t: Tensor) -> None:
+        """Momentum update of both banks' rows ``index`` with this batch's embeddings.
+
+        Under DDP every rank applies the rows of all ranks (all-gathered; the shards of one step are disjoint), so
+        the banks stay identical everywhere and equal those of one process training on the union of the batches.
+        """
+        if distributed.current().enabled:
+            index, v_s, v_t = (distributed.all_gather_cat(t) for t in (index, v_s.float(), v_t.float()))
+            if not self._labels_known:
+                self.bank_label[index] = distributed.all_gather_cat(target.to(self.bank_label.device))
+        for bank, emb in ((self.bank_s, v_s), (self.bank_t, v_t)):
+            rows = bank[index] * self.momentum + emb.detach().to(bank.dtype) * (1.0 - self.momentum)
+            bank.index_copy_(0, index, rows / rows.norm(dim=1, keepdim=True))
+
+    def ddp_ignored_state(self) -> list[str]:
+        return ["bank_s", "bank_t", "bank_label", "nce_z"]  # kept in step on every rank by _update_banks
 
     # -------------------------------------------------------------------------------------------- training
 
@@ -242,14 +258,15 @@ class CRD(Method):
         if self.objective == "nce":
             exp_s, exp_t = logits_s.exp(), logits_t.exp()
             with torch.no_grad():
-                first = torch.stack([exp_s.mean(), exp_t.mean()]) * self.num_train
+                # Under DDP Z is the mean over every rank's first batch, as one process with their union would get.
+                first = distributed.all_reduce_sum(torch.stack([exp_s.mean(), exp_t.mean()]))
+                first = first * (self.num_train / distributed.current().world_size)
                 self.nce_z.copy_(torch.where(self.nce_z > 0, self.nce_z, first))
             z = self.nce_z.clone()
             contrastive = crd_nce_loss(exp_s / z[0], self.num_train) + crd_nce_loss(exp_t / z[1], self.num_train)
         else:
             contrastive = info_nce_loss(logits_s) + info_nce_loss(logits_t)
-        self._update_bank(self.bank_s, index, v_s)
-        self._update_bank(self.bank_t, index, v_t)
+        self._update_banks(index, batch.target, v_s, v_t)
         ce = self.ce_weight * cross_entropy(out_s.logits, batch.target)
         crd = self.crd_weight * contrastive
         return StepOutput(loss=ce + crd, losses={"ce": ce, "crd": crd}, logits=out_s.logits)

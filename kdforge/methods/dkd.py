@@ -38,6 +38,7 @@ class DKD(Method):
     family = "logit"
     paper = "Zhao et al., Decoupled Knowledge Distillation (CVPR 2022)"
     summary = "KD split into target-class (TCKD) and non-target (NCKD) terms with free weights"
+    teacher_cacheable = True
 
     def __init__(
         self,
@@ -67,7 +68,7 @@ class DKD(Method):
         return min((progress.epoch + 1) / self.warmup_epochs, 1.0)
 
     def forward_train(self, batch: Batch, progress: Progress) -> StepOutput:
-        logits_t = self.teacher_logits(batch.input)
+        logits_t = self.teacher_outputs(batch)
         logits_s = self.student(batch.input)
         ce = self.ce_weight * cross_entropy(logits_s, batch.target)
         n_s = normalize_logits(logits_s, self.logit_norm, self.ln_scale)

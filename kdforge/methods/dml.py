@@ -103,6 +103,10 @@ class DML(Method):
     def substeps(self) -> int:
         return len(self.nets) if self.update == "alternating" else 1
 
+    @property
+    def ddp_find_unused_parameters(self) -> bool:
+        return self.update == "alternating"  # each substep trains one peer; the others get no gradient
+
     def _peer_loss(self, k: int, logits: list[Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
         others = [z.detach() for j, z in enumerate(logits) if j != k]
         ce = self.ce_weight * cross_entropy(logits[k], y)

@@ -34,6 +34,7 @@ class KD(Method):
     family = "logit"
     paper = "Hinton et al., Distilling the Knowledge in a Neural Network (2015)"
     summary = "soft targets: τ²·KL between temperature-scaled teacher and student distributions"
+    teacher_cacheable = True
 
     def __init__(
         self,
@@ -57,7 +58,7 @@ class KD(Method):
         self.ln_scale = ln_scale
 
     def forward_train(self, batch: Batch, progress: Progress) -> StepOutput:
-        logits_t = self.teacher_logits(batch.input)
+        logits_t = self.teacher_outputs(batch)
         logits_s = self.student(batch.input)
         ce = self.ce_weight * cross_entropy(logits_s, batch.target)
         n_s = normalize_logits(logits_s, self.logit_norm, self.ln_scale)

@@ -111,6 +111,11 @@ class TunedTeacherMethod(Method):
             if was_training:
                 self.train(True)
 
+    @property
+    def ddp_find_unused_parameters(self) -> bool:
+        # Outside [teacher_start, teacher_stop) the tuned teacher runs under no_grad: its parameters get no gradient.
+        return self.tuned_teacher is not None and (self.teacher_start > 0.0 or self.teacher_stop < 1.0)
+
     def anchor_l2(self) -> Tensor:
         """``Σ ‖θ_t − θ_t0‖²`` over the tuned teacher's trainable parameters (ATSC's weight anchor)."""
         assert self.tuned_teacher is not None and self.teacher is not None

@@ -53,6 +53,7 @@ class TripletKD(Method):
     paper = "Oki et al., Triplet Loss for Knowledge Distillation (IJCNN 2020)"
     summary = "KD + triplet margin on logits: teacher anchor, student positive, student on an other-class negative"
     needs_negatives = True
+    teacher_cacheable = True
 
     def __init__(
         self,
@@ -75,7 +76,7 @@ class TripletKD(Method):
 
     def forward_train(self, batch: Batch, progress: Progress) -> StepOutput:
         negative = batch_negatives(batch, "triplet_kd")
-        logits_t = self.teacher_logits(batch.input)
+        logits_t = self.teacher_outputs(batch)
         logits_s = self.student(batch.input)
         logits_n = self.student(negative)
         kd = self.kd_weight * kd_loss(logits_s, logits_t, self.temperature)

@@ -1,0 +1,196 @@
+"""Training scenarios run under torchrun by tests/test_distributed.py (not collected by pytest itself).
+
+python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py MODE OUT [ARGS...]
+
+Each mode trains through the real ``kdforge.fit`` on gloo and writes what the test checks into ``OUT`` (every rank
+its own ``rank<r>.pt``/``.json``; rank 0 also the run directory ``fit`` writes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from conftest import TinyNet
+
+from kdforge.data.jda import JDAPolicy
+from kdforge.data.loader import TensorLoader
+from kdforge.engine import distributed
+from kdforge.engine.loop import TrainingInterrupted, evaluate, fit
+from kdforge.errors import ConfigError
+from kdforge.methods import METHODS, create_method
+
+N_TRAIN, N_TEST = 96, 37  # 37 test images: an odd count the two ranks cannot split evenly
+TRAIN = {"device": "cpu", "precision": "fp32", "progress": False, "log_every": 2, "seed": 0}
+OPTIM = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+
+
+def make_data(rank: int, world: int, batch_size: int, *, augment: bool = False, views: bool = False) -> SimpleNamespace:
+    """Learnable 4-class 8×8 images (class = brighter quadrant), sharded for ``rank`` of ``world``."""
+    g = torch.Generator().manual_seed(0)
+    n = N_TRAIN + N_TEST
+    labels = torch.randint(0, 4, (n,), generator=g)
+    images = torch.randint(0, 160, (n, 3, 8, 8), generator=g)
+    for i, y in enumerate(labels.tolist()):
+        r, c = divmod(y, 2)
+        images[i, :, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] += 90
+    images = images.to(torch.uint8)
+    common = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "rank": rank, "world_size": world}
+    train = TensorLoader(
+        images[:N_TRAIN],
+        labels[:N_TRAIN],
+        batch_size,
+        train=True,
+        augment=augment,
+        views=JDAPolicy() if views else None,
+        **common,
+    )
+    test = TensorLoader(images[N_TRAIN:], labels[N_TRAIN:], 16, train=False, **common)
+    return SimpleNamespace(train=train, test=test, num_classes=4, num_train=N_TRAIN, train_targets=labels[:N_TRAIN])
+
+
+def make_method(name: str, norm: bool = True, **params):
+    torch.manual_seed(0)
+    student = TinyNet(norm=norm)
+    torch.manual_seed(1)
+    teacher = TinyNet(norm=norm) if METHODS.get(name).needs_teacher else None
+    torch.manual_seed(2)
+    context = {"num_classes": 4, "num_train": N_TRAIN, "epochs": 1, "steps_per_epoch": 3}
+    context["train_targets"] = make_data(0, 1, 8).train_targets
+    return create_method(name, student, teacher, context=context, **params)
+
+
+def equal(out: Path, batch_size: int, accum: int) -> None:
+    """KD with BN-free nets for 2 epochs; each rank saves its student and its evaluation of the test set."""
+    info = distributed.current()
+    method = make_method("kd", norm=False)
+    data = make_data(info.rank, info.world_size, batch_size)
+    fit(
+        method,
+        data,
+        train={**TRAIN, "epochs": 2, "grad_accum": accum},
+        optim=OPTIM,
+        schedule={"name": "cosine"},
+        out_dir=out / "run",
+    )
+    torch.save(method.student.state_dict(), out / f"rank{info.rank}.pt")
+    ev = evaluate(method, data.test)
+    (out / f"rank{info.rank}.json").write_text(json.dumps(ev))
+
+
+def methods(out: Path, names: list[str]) -> None:
+    """Every method for one short epoch under DDP; each rank records a checksum of every trainable tensor."""
+    info = distributed.current()
+    params = {
+        "atf": {"teacher_start": 0.0, "teacher_stop": 0.5},  # a tuning window: teacher params unused in late steps
+        "bilateral": {"teacher_stop": 0.5},
+        "dml": {"update": "alternating"},
+        "crd": {"nce_k": 16, "feat_dim": 8},
+    }
+    sums = {}
+    for name in names:
+        method = make_method(name, **params.get(name, {}))
+        data = make_data(info.rank, info.world_size, 8, augment=True, views=METHODS.get(name).needs_views)
+        fit(method, data, train={**TRAIN, "epochs": 1}, optim=OPTIM)
+        state = {k: v.double().sum().item() for k, v in method.state_dict().items() if v.is_floating_point()}
+        sums[name] = state
+    try:  # SyncBatchNorm has no CPU kernel: refused up front, on every rank, before any step
+        fit(make_method("kd"), make_data(info.rank, info.world_size, 8), train={**TRAIN, "sync_bn": True}, optim=OPTIM)
+    except ConfigError as err:
+        sums["sync_bn_error"] = str(err)
+    (out / f"rank{info.rank}.json").write_text(json.dumps(sums))
+
+
+def resume(out: Path) -> None:
+    """CRD (per-rank negative sampling, all-gathered banks) for 2 epochs straight, and 1 epoch then resumed."""
+    info = distributed.current()
+    results = {}
+    for tag, plan in (("straight", [(2, False)]), ("resumed", [(1, False), (2, True)])):
+        for epochs, again in plan:
+            method = make_method("crd", nce_k=16, feat_dim=8)
+            data = make_data(info.rank, info.world_size, 8, augment=True)
+            fit(method, data, train={**TRAIN, "epochs": epochs}, optim=OPTIM, out_dir=out / tag, resume=again)
+        results[tag] = {k: v.clone() for k, v in method.state_dict().items()}
+    torch.save(results, out / f"rank{info.rank}.pt")
+
+
+class Faulty(TinyNet):
+    """Raises on rank 1 at its third training forward: one rank failing mid-run."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            Faulty.calls += 1
+            if distributed.current().rank == 1 and Faulty.calls == 3:
+                raise RuntimeError("injected fault on rank 1")
+        return super().forward(x)
+
+
+class SelfSignal(TinyNet):
+    """Sends SIGTERM to its own process on rank 1 at the third training forward: a stop only one rank received."""
+
+    armed = True
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and SelfSignal.armed:
+            SelfSignal.calls += 1
+            if distributed.current().rank == 1 and SelfSignal.calls == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return super().forward(x)
+
+
+def stop(out: Path) -> None:
+    """A SIGTERM on rank 1 only: both ranks must stop after the same step, then resume to the uninterrupted result."""
+    info = distributed.current()
+    train = {**TRAIN, "epochs": 2}
+    outcome = {}
+    for tag in ("straight", "stopped"):
+        SelfSignal.armed = tag == "stopped"
+        torch.manual_seed(0)
+        model = SelfSignal(norm=False)
+        data = make_data(info.rank, info.world_size, 4, augment=True)
+        try:
+            fit(model, data, train=train, optim=OPTIM, out_dir=out / tag)
+        except TrainingInterrupted as err:
+            outcome["message"] = str(err)
+            SelfSignal.armed = False
+            fit(model, data, train=train, optim=OPTIM, out_dir=out / tag, resume=True)
+        outcome[tag] = {k: v.tolist() for k, v in model.state_dict().items()}
+    (out / f"rank{info.rank}.json").write_text(json.dumps(outcome))
+
+
+def fault(out: Path) -> None:
+    info = distributed.current()
+    torch.manual_seed(0)
+    fit(Faulty(), make_data(info.rank, info.world_size, 8), train={**TRAIN, "epochs": 50}, optim=OPTIM)
+
+
+def main() -> None:
+    mode, out, *rest = sys.argv[1:]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    distributed.init_distributed("cpu", timeout_s=60)
+    if mode == "equal":
+        equal(out, int(rest[0]), int(rest[1]))
+    elif mode == "methods":
+        methods(out, rest)
+    elif mode == "resume":
+        resume(out)
+    elif mode == "fault":
+        fault(out)
+    elif mode == "stop":
+        stop(out)
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Distributed training with torchrun on the CPU (gloo): two processes against one, every method, resume, faults.
+
+Each test launches ``python -m torch.distributed.run --standalone --nproc_per_node 2`` on tests/dist_worker.py or
+on ``-m kdforge``, the way users run it, and compares what the ranks wrote with a one-process run made here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from kdforge.engine.loop import evaluate, fit
+from kdforge.methods import METHODS
+
+pytestmark = [
+    pytest.mark.dist,
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"),
+]
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "dist_worker.py"
+
+
+def torchrun(*args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    return proc, time.perf_counter() - t0
+
+
+def run_worker(mode: str, out: Path, *args: str) -> None:
+    proc, _ = torchrun(str(WORKER), mode, str(out), *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize(("batch_size", "accum"), [(8, 1), (4, 2)])
+def test_two_ranks_match_one_process_on_the_concatenated_batch(tmp_path, batch_size, accum):
+    from dist_worker import OPTIM, TRAIN, make_data, make_method
+
+    run_worker("equal", tmp_path, str(batch_size), str(accum))
+    # One process whose batch is the union of both ranks' batches (and of the accumulated micro-batches).
+    method = make_method("kd", norm=False)
+    data = make_data(0, 1, 2 * batch_size * accum)
+    single = fit(method, data, train={**TRAIN, "epochs": 2}, optim=OPTIM, schedule={"name": "cosine"})
+    want = method.student.state_dict()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {key}")
+        # Evaluation sums counts over the two shards of the 37 test images: exact, and the same on both ranks.
+        ev = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        ref = evaluate(method, data.test)
+        assert ev["count"] == 37
+        assert ev["top1"] == ref["top1"] and ev["top5"] == ref["top5"]
+        assert ev["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["test_top1"] for m in metrics] == [h["test_top1"] for h in single.history]
+    # Logged losses and train accuracy are over both ranks' samples, as the one-process run sees them.
+    for m, h in zip(metrics, single.history, strict=True):
+        assert m["train_loss"] == pytest.approx(h["train_loss"], rel=1e-5)
+        assert m["train_top1"] == pytest.approx(h["train_top1"])
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["world_size"] == 2
+    assert not (tmp_path / "run" / "rank1").exists()
+
+
+def test_every_method_keeps_all_ranks_identical(tmp_path):
+    names = METHODS.names()
+    run_worker("methods", tmp_path, *names)
+    a = json.loads((tmp_path / "rank0.json").read_text())
+    b = json.loads((tmp_path / "rank1.json").read_text())
+    assert (
+        a.pop("sync_bn_error")
+        == b.pop("sync_bn_error")
+        == ("train.sync_bn=true needs CUDA (SyncBatchNorm has no CPU kernel); set it to false")
+    )
+    assert sorted(a) == sorted(names)
+    for name in names:
+        # Parameters by DDP's all-reduce, buffers (BN statistics, CRD banks, DWA state) by the epoch-end broadcast or
+        # the method's own all-gathered updates: a rank left out of either would differ here.
+        assert a[name] == b[name], name
+
+
+def test_resume_under_ddp_is_bit_identical(tmp_path):
+    run_worker("resume", tmp_path)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for key, value in got["straight"].items():
+            assert torch.equal(value, got["resumed"][key]), f"rank {rank} {key}"
+    # Each rank resumed its own CRD sampling stream: the checkpoint holds every rank's RNG and method state.
+    ckpt = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and len(ckpt["rank_states"]) == 2
+    assert not torch.equal(ckpt["rank_states"][0]["extra"]["crd_rng"], ckpt["rank_states"][1]["extra"]["crd_rng"])
+
+
+def test_a_failing_rank_stops_every_rank_quickly(tmp_path):
+    proc, elapsed = torchrun(str(WORKER), "fault", str(tmp_path), timeout=240)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "injected fault on rank 1" in output
+    # Rank 0 was training (50 epochs ahead of it); it must leave with the peer's failure, not wait for it.
+    assert "Connection closed by peer" in output or "exitcode  : -15" in output
+    assert elapsed < 90, f"took {elapsed:.0f}s"
+
+
+def test_torchrun_cli_trains_and_both_ranks_refuse_an_existing_run(tmp_path):
+    out = tmp_path / "run"
+    args = ["-m", "kdforge", "train", "--config", "configs/smoke/vanilla.yaml", "--out", str(out)]
+    args += ["data.train_subset=256", "data.test_subset=101", "data.batch_size=32", "train.epochs=1"]
+    args += ["train.device=cpu", "train.progress=false"]
+    proc, _ = torchrun(*args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("run directory:") == 1  # rank 0 alone prints
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    # The saved weights, evaluated by one process on the whole test set, give what the two ranks reported.
+    from kdforge.api import evaluate_checkpoint
+
+    assert evaluate_checkpoint(out)["top1"] == pytest.approx(summary["final_top1"])
+    before = (out / "summary.json").stat().st_mtime_ns
+    proc, _ = torchrun(*args)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"kdforge: error (rank {rank}/2): {out} already holds a run" in proc.stderr
+    assert (out / "summary.json").stat().st_mtime_ns == before
+
+
+def test_a_signal_on_one_rank_stops_all_after_the_same_step_and_resumes_exactly(tmp_path):
+    run_worker("stop", tmp_path)
+    a = json.loads((tmp_path / "rank0.json").read_text())
+    b = json.loads((tmp_path / "rank1.json").read_text())
+    # Rank 1 got SIGTERM at its third step; the ranks agree at the next log point (log_every=2) and both stop there.
+    assert a["message"].startswith("stopped with the other ranks in epoch 1 after step 4")
+    assert b["message"].startswith("stopped by SIGTERM in epoch 1 after step 4")
+    ckpt = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2  # the resumed run finished; its metrics hold both epochs once
+    lines = (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    for got in (a, b):
+        assert got["stopped"] == got["straight"]  # bit-identical to the run that was never stopped
