@@ -1,5 +1,3 @@
-import sys
+from kdforge.cli import entry_point
 
-from kdforge.cli import main
-
-sys.exit(main())
+entry_point()

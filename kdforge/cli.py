@@ -428,6 +428,20 @@ def _rank_tag() -> str:
     return f" (rank {os.environ.get('RANK', '?')}/{world})" if world not in ("", "1") else ""
 
 
+def entry_point() -> None:
+    """The ``kdforge`` command and ``python -m kdforge``: :func:`main`, then the process exit.
+
+    A torchrun worker leaves without the interpreter's teardown (see
+    :func:`kdforge.engine.distributed.exit_process`); everything else exits normally.
+    """
+    code = main()
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        from kdforge.engine.distributed import exit_process
+
+        exit_process(code)
+    sys.exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -441,4 +455,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

@@ -54,21 +54,33 @@ def make_data(rank: int, world: int, batch_size: int, *, augment: bool = False, 
     return SimpleNamespace(train=train, test=test, num_classes=4, num_train=N_TRAIN, train_targets=labels[:N_TRAIN])
 
 
-def make_method(name: str, norm: bool = True, **params):
+class DoubleNet(TinyNet):
+    """TinyNet in float64 (inputs cast on the way in): comparisons tight enough to tell a wrong gradient from
+    float32 rounding that a relation loss amplifies over many steps."""
+
+    def __init__(self, norm: bool = True) -> None:
+        super().__init__(norm=norm)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.double())
+
+
+def make_method(name: str, norm: bool = True, net: type[TinyNet] = TinyNet, **params):
     torch.manual_seed(0)
-    student = TinyNet(norm=norm)
+    student = net(norm=norm)
     torch.manual_seed(1)
-    teacher = TinyNet(norm=norm) if METHODS.get(name).needs_teacher else None
+    teacher = net(norm=norm) if METHODS.get(name).needs_teacher else None
     torch.manual_seed(2)
     context = {"num_classes": 4, "num_train": N_TRAIN, "epochs": 1, "steps_per_epoch": 3}
     context["train_targets"] = make_data(0, 1, 8).train_targets
     return create_method(name, student, teacher, context=context, **params)
 
 
-def equal(out: Path, batch_size: int, accum: int) -> None:
-    """KD with BN-free nets for 2 epochs; each rank saves its student and its evaluation of the test set."""
+def equal(out: Path, batch_size: int, accum: int, name: str = "kd", **params) -> None:
+    """``name`` with BN-free nets for 2 epochs; each rank saves its student and its evaluation of the test set."""
     info = distributed.current()
-    method = make_method("kd", norm=False)
+    method = make_method(name, norm=False, **params)
     data = make_data(info.rank, info.world_size, batch_size)
     fit(
         method,
@@ -179,6 +191,8 @@ def main() -> None:
     distributed.init_distributed("cpu", timeout_s=60)
     if mode == "equal":
         equal(out, int(rest[0]), int(rest[1]))
+    elif mode == "rkd_global":
+        equal(out, int(rest[0]), 1, "rkd", net=DoubleNet, global_batch=True)
     elif mode == "methods":
         methods(out, rest)
     elif mode == "resume":
@@ -190,6 +204,7 @@ def main() -> None:
     else:
         raise SystemExit(f"unknown mode {mode}")
     distributed.shutdown()
+    distributed.exit_process(0)  # as the kdforge command does under torchrun
 
 
 if __name__ == "__main__":

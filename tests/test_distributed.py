@@ -72,6 +72,20 @@ def test_two_ranks_match_one_process_on_the_concatenated_batch(tmp_path, batch_s
     assert not (tmp_path / "run" / "rank1").exists()
 
 
+def test_rkd_global_batch_relations_match_one_process_on_the_union(tmp_path):
+    from dist_worker import OPTIM, TRAIN, DoubleNet, make_data, make_method
+
+    run_worker("rkd_global", tmp_path, "8")
+    method = make_method("rkd", norm=False, net=DoubleNet, global_batch=True)  # float64, see DoubleNet
+    fit(method, make_data(0, 1, 16), train={**TRAIN, "epochs": 2}, optim=OPTIM, schedule={"name": "cosine"})
+    # Relations over the gathered batch, the gradient summed back to each rank's rows and DDP's averaging give the
+    # one-process gradient exactly (per-rank relations would end about 1.0 away here).
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for key, value in method.student.state_dict().items():
+            torch.testing.assert_close(got[key], value, rtol=1e-10, atol=1e-12, msg=f"rank {rank} {key}")
+
+
 def test_every_method_keeps_all_ranks_identical(tmp_path):
     names = METHODS.names()
     run_worker("methods", tmp_path, *names)

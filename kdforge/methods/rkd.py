@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from kdforge.data.batch import Batch
+from kdforge.engine import distributed
 from kdforge.losses.feature import rkd_angle_loss, rkd_distance_loss
 from kdforge.losses.logit import cross_entropy
 from kdforge.methods.base import Method, Progress, StepOutput
@@ -21,8 +22,10 @@ class RKD(Method):
     ``distiller_zoo/RKD.py`` (``RKDLoss(w_d=25, w_a=50)`` on ``feat[-1]``, ``-b 1``) and mdistiller
     ``distillers/RKD.py`` (``DISTANCE_WEIGHT=25``, ``ANGLE_WEIGHT=50``, ``pooled_feat``, ε 1e-12, not squared).
     ``L_D`` compares pairwise distances, each normalized by its network's mean non-zero distance; ``L_A`` compares
-    the cosines of the angles of every triplet; both use the Huber (smooth L1) loss. The relations are those of the
-    per-rank batch (no all-gather under DDP). The paper's metric-learning weights were ``λ_D = 1, λ_A = 2``.
+    the cosines of the angles of every triplet; both use the Huber (smooth L1) loss. Under DDP the relations are those
+    of each rank's batch, as in the reference code run per GPU; ``global_batch`` all-gathers the embeddings so they
+    span the global batch (training then equals one process on the union of the batches; tested with 2 processes).
+    The paper's metric-learning weights were ``λ_D = 1, λ_A = 2``.
 
     Args:
         student: the network being trained.
@@ -32,6 +35,8 @@ class RKD(Method):
         angle_weight: w_A.
         squared: squared instead of plain distances in ``L_D``.
         eps: clamp of the squared distance before its square root.
+        global_batch: under DDP, relations over every rank's samples (one all-gather of the embeddings per step and
+            one all-reduce of their gradient); without DDP it changes nothing.
     """
 
     family = "relation"
@@ -47,6 +52,7 @@ class RKD(Method):
         angle_weight: float = 50.0,
         squared: bool = False,
         eps: float = 1e-12,
+        global_batch: bool = False,
     ) -> None:
         super().__init__(student, teacher)
         if min(ce_weight, distance_weight, angle_weight) < 0:
@@ -57,7 +63,7 @@ class RKD(Method):
         if eps <= 0:
             raise ValueError(f"eps must be positive, got {eps}")
         self.ce_weight, self.distance_weight, self.angle_weight = ce_weight, distance_weight, angle_weight
-        self.squared, self.eps = squared, eps
+        self.squared, self.eps, self.global_batch = squared, eps, global_batch
 
     def forward_train(self, batch: Batch, progress: Progress) -> StepOutput:
         if len(batch) < 2:
@@ -66,7 +72,10 @@ class RKD(Method):
             emb_t = read_features(self.teacher, batch.input).pooled
         out_s = read_features(self.student, batch.input)
         ce = self.ce_weight * cross_entropy(out_s.logits, batch.target)
-        dist = self.distance_weight * rkd_distance_loss(out_s.pooled, emb_t, self.squared, self.eps)
-        angle = self.angle_weight * rkd_angle_loss(out_s.pooled, emb_t)
+        emb_s = out_s.pooled
+        if self.global_batch:
+            emb_s, emb_t = distributed.all_gather_with_grad(emb_s), distributed.all_gather_cat(emb_t)
+        dist = self.distance_weight * rkd_distance_loss(emb_s, emb_t, self.squared, self.eps)
+        angle = self.angle_weight * rkd_angle_loss(emb_s, emb_t)
         losses = {"ce": ce, "rkd_dist": dist, "rkd_angle": angle}
         return StepOutput(loss=ce + dist + angle, losses=losses, logits=out_s.logits)
