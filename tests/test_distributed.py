@@ -160,3 +160,31 @@ def test_a_signal_on_one_rank_stops_all_after_the_same_step_and_resumes_exactly(
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     for got in (a, b):
         assert got["stopped"] == got["straight"]  # bit-identical to the run that was never stopped
+
+
+def test_two_nodes_through_torchrun_rendezvous(tmp_path):
+    # Two torchrun agents on this machine stand in for two nodes of one process each: rank 1 then has LOCAL_RANK 0,
+    # and the run must still be written once, by global rank 0, through c10d rendezvous as on a cluster.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+    cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "kdforge-test"]
+    cmd += ["-m", "kdforge", "train", "--config", "configs/smoke/vanilla.yaml", "--out", str(out)]
+    cmd += ["data.train_subset=128", "data.test_subset=51", "data.batch_size=32", "train.epochs=1"]
+    cmd += ["train.device=cpu", "train.progress=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    nodes.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    assert sum(stdout.count("run directory:") for stdout, _ in outputs) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    from kdforge.api import evaluate_checkpoint
+
+    assert evaluate_checkpoint(out)["top1"] == pytest.approx(summary["final_top1"])
