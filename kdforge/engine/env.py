@@ -18,7 +18,7 @@ from kdforge.errors import ConfigError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA (this process's ``LOCAL_RANK`` GPU) when available, else the CPU."""
+    """``auto`` picks CUDA when available, else the CPU; ``auto`` and ``cuda`` mean this process's LOCAL_RANK GPU."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -29,6 +29,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ConfigError(f"train.device: unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # under torchrun: this process's GPU
     return device
 
 
