@@ -271,11 +271,11 @@ def run_bench(
             replay_views=replay_views,
         )
 
-    def kdforge_path() -> _TimedPath:
+    def kdforge_path(own: Any) -> _TimedPath:
         # Each kdforge path iterates a loader of its own: interleaved rounds must not share one loader's epoch.
         return _TimedPath(
             make_method(),
-            _cycle(train_data.train),
+            _cycle(own.train),
             device=dev,
             dtype=dtype,
             compile_model=compile_model,
@@ -283,19 +283,19 @@ def run_bench(
             optim=optim,
         )
 
-    bundle = train_data = make_bundle()
+    bundle = make_bundle()
     precision_name = str(dtype).removeprefix("torch.")
     crops = f"{replay_views} replayed crop/flip views" if replay_views else "random crop/flip" if augment else "no aug"
     kd_label = f"{precision_name}, channels_last={use_cl}, compile={compile_model}, data on {dev.type}, {crops}"
-    paths = {"kdforge": kdforge_path()}
+    paths = {"kdforge": kdforge_path(bundle)}
     labels = {"kdforge": kd_label}
     cache_info: dict[str, Any] | None = None
     if teacher_cache:
-        train_data = make_bundle()
-        paths["kdforge+cache"] = cached = kdforge_path()
+        cache_data = make_bundle()
+        paths["kdforge+cache"] = cached = kdforge_path(cache_data)
         _sync(dev)
         t0 = time.perf_counter()
-        attach_teacher_cache(cached.method, train_data, mode="on", device=dev, dtype=dtype)
+        attach_teacher_cache(cached.method, cache_data, mode="on", device=dev, dtype=dtype)
         _sync(dev)
         table = cached.method.teacher_cache
         assert table is not None

@@ -232,7 +232,8 @@ class CRD(Method):
         the banks stay identical everywhere and equal those of one process training on the union of the batches.
         """
         if distributed.current().enabled:
-            index, v_s, v_t = (distributed.all_gather_cat(t) for t in (index, v_s.float(), v_t.float()))
+            index = distributed.all_gather_cat(index)
+            v_s, v_t = distributed.all_gather_cat(torch.cat([v_s, v_t], dim=1).float()).split([v_s.shape[1]] * 2, 1)
             if not self._labels_known:
                 self.bank_label[index] = distributed.all_gather_cat(target.to(self.bank_label.device))
         for bank, emb in ((self.bank_s, v_s), (self.bank_t, v_t)):
