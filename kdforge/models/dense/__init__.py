@@ -1,0 +1,1 @@
+"""Dense-prediction networks (segmentation, detection, enhancement, hashing heads) built on the zoo's backbones."""
