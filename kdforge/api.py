@@ -11,21 +11,26 @@ result = kdforge.fit(method, data, train={"epochs": 240}, optim={"lr": 0.05}, ou
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from kdforge.config import DataConfig, RunConfig, config_from_dict, deep_merge, load_yaml, validate
+from kdforge.config import DataConfig, RunConfig, config_from_dict, deep_merge, load_config, load_yaml
 from kdforge.data import DataBundle, build_data
 from kdforge.engine import distributed
+from kdforge.engine import loop as engine
 from kdforge.engine.checkpoint import CHECKPOINT_FORMAT, atomic_write_json, load_checkpoint
 from kdforge.engine.env import resolve_device, seed_everything
-from kdforge.engine.loop import FitResult, evaluate, fit
+from kdforge.engine.evaluation import evaluate
+from kdforge.engine.loop import FitResult
 from kdforge.errors import CheckpointError, ConfigError
-from kdforge.methods import Method, create_method
+from kdforge.methods import Method, create_method, instantiate_method
 from kdforge.models import count_parameters, create_model, load_weights
+from kdforge.validation import validate
 
 WEIGHT_FILES = ("model.pt", "student.pt")
 
@@ -91,16 +96,53 @@ def data_from_config(d: DataConfig, device: torch.device, *, seed: int = 0, chan
     )
 
 
+def fit(method: Method | nn.Module, data: Any, **kwargs: Any) -> FitResult:
+    """:func:`kdforge.engine.loop.fit`, also for a plain network (trained with cross-entropy, method ``vanilla``).
+
+    Keyword arguments are those of the engine's ``fit`` (``train``, ``optim``, ``schedule``, ``out_dir``, ...).
+    """
+    if not isinstance(method, Method):
+        method = create_method("vanilla", method)
+    return engine.fit(method, data, **kwargs)
+
+
+def load_run_config(
+    command: Literal["train", "distill"],
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    resume_dir: str | Path | None = None,
+) -> RunConfig:
+    """The config of a ``kdforge train``/``distill`` run: defaults, the YAML file, then ``key=value`` overrides.
+
+    Resuming ``resume_dir`` without a ``config`` starts from that run's saved ``config.yaml``. Not validated yet:
+    :func:`run` validates it (once).
+    """
+    if config is None and resume_dir is not None and (Path(resume_dir) / "config.yaml").is_file():
+        return load_config(Path(resume_dir) / "config.yaml", list(overrides))
+    defaults = {"method": {"name": "vanilla" if command == "train" else "kd"}}
+    return load_config(config, list(overrides), defaults=defaults)
+
+
+def default_run_dir(cfg: RunConfig, command: str) -> str:
+    """``runs/<command>-<model>-<time>``; under torchrun rank 0's name (ranks may start in different seconds)."""
+    return distributed.broadcast_object(f"runs/{command}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def build_run(
     cfg: RunConfig, command: Literal["train", "distill"] = "distill", device: torch.device | None = None
 ) -> tuple[Method, DataBundle]:
-    """Data, networks and method for a validated config (model init is seeded by ``train.seed``).
+    """Data, networks and method for a config (model init is seeded by ``train.seed``), after validating it.
 
     Under torchrun this joins the process group first (:func:`kdforge.engine.distributed.init_distributed`).
     """
     validate(cfg, command)
     distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
-    device = device or resolve_device(cfg.train.device)
+    return _build(cfg, device or resolve_device(cfg.train.device))
+
+
+def _build(cfg: RunConfig, device: torch.device) -> tuple[Method, DataBundle]:
+    """Data, networks and method of a validated config on ``device``, with the process group already joined."""
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     d = cfg.data
     data = data_from_config(d, device, seed=cfg.train.seed, channels_last=cfg.train.channels_last)
@@ -126,8 +168,14 @@ def build_run(
         "epochs": cfg.train.epochs,
         "steps_per_epoch": len(data.train),
     }
-    method = create_method(cfg.method.name, student, teacher, context=context, **cfg.method.params)
+    # validate() checked and coerced the method's parameters and its need of a teacher; both networks have the
+    # data's classes (checked above): nothing is checked again.
+    method = instantiate_method(cfg.method.name, student, teacher, context=context, params=cfg.method.params)
     return method, data
+
+
+#: ``out_dir`` for :func:`run` meaning "the default name" (:func:`default_run_dir`), as the CLI without ``--out``.
+AUTO_RUN_DIR = "<auto>"
 
 
 def run(
@@ -138,14 +186,25 @@ def run(
     resume: bool = False,
     force: bool = False,
 ) -> FitResult:
-    """Everything ``kdforge train``/``distill`` does: build, report the teacher, train, write the run directory.
+    """Everything ``kdforge train``/``distill`` does: validate, build, report the teacher, train, write the run dir.
 
-    Under torchrun every process calls this; rank 0 prints and writes.
+    The one setup path: the config is validated once, the process group joined once (under torchrun every process
+    calls this; rank 0 prints and writes), the device resolved once and handed to the engine.
+
+    Args:
+        cfg: the run config (:func:`load_run_config` or ``kdforge.config.config_from_dict``).
+        command: ``train`` (no teacher) or ``distill``.
+        out_dir: the run directory; :data:`AUTO_RUN_DIR` for ``runs/<command>-<model>-<time>``; ``None`` writes
+            nothing.
+        resume, force: continue the run in ``out_dir`` / overwrite it.
     """
-    method, data = build_run(cfg, command)
-    info = distributed.current()
-    teacher_eval = None
+    validate(cfg, command)
+    info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     device = resolve_device(cfg.train.device)
+    if out_dir == AUTO_RUN_DIR:
+        out_dir = default_run_dir(cfg, command)
+    method, data = _build(cfg, device)
+    teacher_eval = None
     if method.teacher is not None:
         teacher_eval = evaluate(method.teacher.to(device), data.test, device=device, precision=cfg.train.precision)
     if teacher_eval is not None and info.is_main:
@@ -155,7 +214,7 @@ def run(
             f"({count_parameters(method.teacher) / 1e6:.2f}M params)",
             flush=True,
         )
-    result = fit(
+    result = engine.fit(
         method,
         data,
         train=cfg.train,
@@ -165,6 +224,7 @@ def run(
         config=cfg,
         resume=resume,
         force=force,
+        device=device,
     )
     if result.out_dir is not None and info.is_main:
         summary_path = result.out_dir / "summary.json"
@@ -242,15 +302,19 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: dict[str, Any] | None
 
 
 __all__ = [
+    "AUTO_RUN_DIR",
     "FitResult",
     "build_data",
     "build_network",
     "build_run",
     "create_method",
     "create_model",
+    "default_run_dir",
     "evaluate",
     "evaluate_checkpoint",
     "fit",
+    "load_run_config",
     "resolve_weights",
     "run",
+    "validate",
 ]

@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -140,27 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    from kdforge.api import run
-    from kdforge.config import dump_yaml, load_config, validate
+    from kdforge.api import AUTO_RUN_DIR, load_run_config, run, validate
+    from kdforge.config import dump_yaml
     from kdforge.engine import distributed
 
-    defaults = {"method": {"name": "vanilla" if args.command == "train" else "kd"}}
-    if args.resume and args.out and (Path(args.out) / "config.yaml").is_file() and not args.config:
-        cfg = load_config(Path(args.out) / "config.yaml", args.overrides)
-    else:
-        cfg = load_config(args.config, args.overrides, defaults=defaults)
-    validate(cfg, args.command)
+    cfg = load_run_config(args.command, args.config, args.overrides, resume_dir=args.out if args.resume else None)
     if args.dry_run:
-        print(dump_yaml(cfg), end="")
+        print(dump_yaml(validate(cfg, args.command)), end="")
         return 0
-    info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
-    # Under torchrun the ranks may start in different seconds: rank 0's default name is everyone's.
-    out = args.out or distributed.broadcast_object(
-        f"runs/{args.command}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
-    result = run(cfg, args.command, out, resume=args.resume, force=args.force)
+    result = run(cfg, args.command, args.out or AUTO_RUN_DIR, resume=args.resume, force=args.force)
+    is_main = distributed.current().is_main  # asked before shutdown: a destroyed group reads as one process
     distributed.shutdown()  # only after success: see its docstring
-    if info.is_main:
+    if is_main:
         print(f"run directory: {result.out_dir}")
     return 0
 

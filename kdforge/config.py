@@ -9,7 +9,6 @@ Unknown keys and wrong types fail with one line that names the key and the close
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import types
 import typing
@@ -359,6 +358,30 @@ def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping giving one key twice is an error instead of the later value
+    silently winning (two ``method:`` blocks in one file would otherwise run only the second)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges; its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise ConfigError(
+                    f"key {_show(key)} is given twice, at lines {first} and {line}; keep one of them "
+                    "(the later one would silently win)"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a mapping; one-line ``ConfigError`` when it is missing or malformed."""
     path = Path(path)
@@ -367,7 +390,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         # The copy makes a tree of the document: an alias inside its own anchor (`a: &x [*x]`) fails here, not
         # later in the merge.
-        data = _deep_copy(yaml.safe_load(path.read_text(encoding="utf-8")))
+        data = _deep_copy(yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader))
+    except ConfigError as err:  # a key given twice
+        raise ConfigError(f"{path}: {err}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not a UTF-8 text file; pass a YAML config to --config") from None
     except yaml.YAMLError as err:
@@ -452,42 +477,6 @@ def load_config(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Method parameters: the constructor's keyword arguments are the schema.
-
-# Arguments the engine supplies from the run itself; a config may not set them.
-CONTEXT_ARGS = ("student", "teacher", "num_classes", "num_train", "train_targets", "epochs", "steps_per_epoch")
-
-
-def method_signature(cls: type) -> dict[str, inspect.Parameter]:
-    """The user-settable constructor parameters of a method class (context arguments excluded)."""
-    params = inspect.signature(cls.__init__).parameters
-    return {
-        n: p
-        for n, p in params.items()
-        if n != "self" and n not in CONTEXT_ARGS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
-
-
-def check_method_params(cls: type, params: Mapping[str, Any], prefix: str = "method.") -> dict[str, Any]:
-    """Type-check ``params`` against the constructor of ``cls``; returns the coerced values."""
-    sig = method_signature(cls)
-    hints = typing.get_type_hints(cls.__init__)
-    out = {}
-    for key, value in params.items():
-        if key not in sig:
-            if key in CONTEXT_ARGS:
-                raise ConfigError(f"{prefix}{key} is set by kdforge from the run itself; remove it from the config")
-            raise _unknown_key(str(key), sorted(sig), prefix)  # YAML keys can be ints or bools (`yes:`)
-        out[key] = coerce(value, hints.get(key, Any), f"{prefix}{key}")
-    return out
-
-
-def method_defaults(cls: type) -> dict[str, Any]:
-    """Default values of the settable constructor parameters of a method class."""
-    return {n: p.default for n, p in method_signature(cls).items() if p.default is not inspect.Parameter.empty}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Value checks that types alone cannot express.
 
 
@@ -496,74 +485,12 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: RunConfig, command: Literal["train", "distill"] = "distill") -> RunConfig:
-    """Check values and combinations (ranges, a teacher where needed, method parameters); returns ``cfg``."""
-    from kdforge.data import list_datasets
-    from kdforge.methods import METHODS
-    from kdforge.models import list_models
+def check_values(cfg: RunConfig) -> RunConfig:
+    """Check the values and combinations that types alone cannot express (ranges, orderings); returns ``cfg``.
 
-    def known(name: str, names: list[str], what: str, key: str) -> None:
-        if name not in names:
-            hints = close_matches(name, names)
-            hint = f"did you mean {', '.join(repr(h) for h in hints)}? " if hints else ""
-            raise ConfigError(f"{key}: unknown {what} {name!r}; {hint}run `kdforge {what}s` to list them")
-
-    models = list_models()
-    known(cfg.model.name, models, "model", "model.name")
-    known(cfg.method.name, METHODS.names(), "method", "method.name")
-    known(cfg.data.name, list_datasets(), "dataset", "data.name")
-    method_cls = METHODS.get(cfg.method.name)
-    cfg.method.params = check_method_params(method_cls, cfg.method.params)
-
-    if command == "train":
-        _require(
-            not getattr(method_cls, "needs_teacher", True),
-            f"`kdforge train` trains without a teacher (methods vanilla, purf, dml); use `kdforge distill` for "
-            f"method '{cfg.method.name}'",
-        )
-    if getattr(method_cls, "needs_teacher", False):
-        _require(
-            cfg.teacher is not None and bool(cfg.teacher.name),
-            f"method '{cfg.method.name}' needs a teacher: set teacher.name=... and teacher.checkpoint=...",
-        )
-    if cfg.teacher is not None:
-        known(cfg.teacher.name, models, "model", "teacher.name")
-        _require(
-            getattr(method_cls, "needs_teacher", True),
-            f"method '{cfg.method.name}' trains without a pretrained teacher; remove the teacher section "
-            f"(and teacher.* overrides) from the config",
-        )
-        tc, mc = cfg.teacher.num_classes, cfg.model.num_classes
-        _require(
-            tc is None or mc is None or tc == mc,
-            f"teacher.num_classes={tc} but model.num_classes={mc}; distillation needs the same classes",
-        )
-    needs_views = getattr(method_cls, "needs_views", False)
-    _require(
-        not needs_views or cfg.data.views != "none",
-        f"method '{cfg.method.name}' needs dual-view batches: set data.views=jda",
-    )
-    _require(
-        needs_views or cfg.data.views == "none",
-        f"data.views={cfg.data.views} only feeds dual-view methods (ccd, kd_jda); "
-        f"method '{cfg.method.name}' would ignore the second view, so set data.views=none",
-    )
-    _require(0.0 <= cfg.data.jda_p <= 1.0, f"data.jda_p must be in [0, 1], got {cfg.data.jda_p}")
-    if cfg.data.bad_images != "fail":
-        from kdforge.data import DATASETS
-
-        _require(
-            DATASETS.meta(cfg.data.name).get("kind") == "folder",
-            f"data.bad_images applies to image folders (folder, imagenet), not '{cfg.data.name}': remove it",
-        )
-    if cfg.data.jda_ops is not None:
-        from kdforge.data.jda import JDAPolicy
-
-        try:
-            JDAPolicy.parse(cfg.data.jda_ops, cfg.data.jda_p)
-        except ValueError as err:
-            raise ConfigError(f"data.jda_ops: {err}") from None
-
+    Names (models, methods, datasets) and method parameters need the registries and are checked by
+    :func:`kdforge.validation.validate`, which calls this.
+    """
     t, o, s, d = cfg.train, cfg.optim, cfg.schedule, cfg.data
     _require(t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}")
     _require(t.eval_every >= 1, f"train.eval_every must be at least 1, got {t.eval_every}")
@@ -576,10 +503,6 @@ def validate(cfg: RunConfig, command: Literal["train", "distill"] = "distill") -
         math.isfinite(t.dist_timeout_s) and t.dist_timeout_s > 0,
         f"train.dist_timeout_s must be a positive number of seconds, got {t.dist_timeout_s}",
     )
-    if t.tensorboard:
-        from kdforge.engine.logging import TENSORBOARD_HINT, tensorboard_available
-
-        _require(tensorboard_available(), f"train.tensorboard=true needs the tensorboard package: {TENSORBOARD_HINT}")
     _require(t.grad_clip is None or t.grad_clip > 0, f"train.grad_clip must be positive or null, got {t.grad_clip}")
     _require(math.isfinite(o.lr) and 0 < o.lr <= 10, f"optim.lr must be in (0, 10], got {o.lr}")
     _require(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
@@ -606,31 +529,9 @@ def validate(cfg: RunConfig, command: Literal["train", "distill"] = "distill") -
         _require(value is None or value >= 1, f"data.{key} must be positive or null, got {value}")
     _require(d.replay_views >= 0, f"data.replay_views must be >= 0 (0 = fresh crops every epoch), got {d.replay_views}")
     if d.replay_views:
-        from kdforge.data import DATASETS
-
         _require(d.augment, "data.replay_views replays crop/flip views but data.augment=false: set data.replay_views=0")
         _require(d.views == "none", f"data.replay_views cannot replay data.views={d.views}: set data.replay_views=0")
-        _require(
-            DATASETS.meta(d.name).get("kind") != "folder",
-            f"data.replay_views needs an in-memory dataset (embedded, cifar10, cifar100, cifar10_jpeg), not '{d.name}'",
-        )
     for key, mc in (("model", cfg.model), ("teacher", cfg.teacher)):
         if mc is not None and mc.num_classes is not None:
             _require(mc.num_classes >= 1, f"{key}.num_classes must be at least 1, got {mc.num_classes}")
     return cfg
-
-
-def flat_keys(cfg: RunConfig | None = None) -> list[str]:
-    """Every settable dotted key of the schema (method parameters of the chosen method included)."""
-    cfg = cfg or RunConfig()
-    keys = []
-    for f in dataclasses.fields(RunConfig):
-        if f.name == "method":
-            continue
-        sub = _dataclass_type(typing.get_type_hints(RunConfig)[f.name])
-        keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(sub)]
-    from kdforge.methods import METHODS
-
-    if cfg.method.name in METHODS:
-        keys += [f"method.{k}" for k in method_signature(METHODS.get(cfg.method.name))]
-    return ["method.name", *keys]

@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from kdforge.config import RunConfig, config_from_dict, deep_merge, dump_yaml, load_yaml, validate
+from kdforge.config import RunConfig, config_from_dict, deep_merge, dump_yaml, load_yaml
 from kdforge.engine.checkpoint import atomic_write_text
 from kdforge.engine.loop import TrainingInterrupted
 from kdforge.errors import ConfigError, KDForgeError
 from kdforge.registry import close_matches
+from kdforge.validation import validate
 
 SWEEP_KEYS = ("out", "base", "overrides", "teachers", "pairs", "methods", "seeds")
 # Files of the sweep itself (launch configs, subprocess logs) live here, outside every run directory: a run that is

@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from kdforge.config import RunConfig, config_from_dict, validate
+from kdforge.config import RunConfig, config_from_dict
 from kdforge.engine.checkpoint import atomic_write_text
 from kdforge.report.table import markdown_table, replace_section, write_report
 from kdforge.sweep import PlannedRun, SweepPlan, run_sweep
+from kdforge.validation import validate
 
 METHODS: dict[str, dict[str, Any]] = {
     "vanilla": {"name": "vanilla"},

@@ -18,10 +18,11 @@ from types import SimpleNamespace
 import torch
 from conftest import TinyNet
 
+from kdforge.api import fit
 from kdforge.data.jda import JDAPolicy
 from kdforge.data.loader import TensorLoader
 from kdforge.engine import distributed
-from kdforge.engine.loop import TrainingInterrupted, evaluate, fit
+from kdforge.engine.loop import TrainingInterrupted, evaluate
 from kdforge.errors import ConfigError
 from kdforge.methods import METHODS, create_method
 

@@ -12,13 +12,12 @@ from kdforge.config import (
     config_from_dict,
     config_to_dict,
     dump_yaml,
-    flat_keys,
     load_config,
     load_yaml,
     parse_override,
-    validate,
 )
 from kdforge.errors import ConfigError
+from kdforge.validation import flat_keys, validate
 
 
 def test_defaults_and_roundtrip(tmp_path):

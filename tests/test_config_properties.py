@@ -23,22 +23,20 @@ from hypothesis import strategies as st
 
 from kdforge.cli import main
 from kdforge.config import (
-    CONTEXT_ARGS,
     MethodConfig,
     ModelConfig,
     RunConfig,
-    check_method_params,
     config_from_dict,
     config_to_dict,
     dump_yaml,
     load_config,
-    method_signature,
-    validate,
 )
 from kdforge.data import list_datasets
 from kdforge.errors import ConfigError
 from kdforge.methods import METHODS
+from kdforge.methods.params import CONTEXT_ARGS, check_method_params, method_signature
 from kdforge.models import list_models
+from kdforge.validation import validate
 
 # ----------------------------------------------------------------------------------------------------------------
 # The schema, read from the dataclasses and the method constructors (never listed by hand).

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdforge.config import load_config, validate
+from kdforge.config import load_config
 from kdforge.methods import METHODS
+from kdforge.validation import validate
 
 # Run configs; configs/sweeps holds sweep files (a different schema, checked in tests/test_sweep_report.py).
 CONFIGS = sorted(

@@ -475,8 +475,9 @@ def test_image_folder_errors(tmp_path):
 
 
 def test_corrupt_folder_images_fail_or_are_skipped_and_counted(tmp_path):
-    from kdforge.config import config_from_dict, validate
+    from kdforge.config import config_from_dict
     from kdforge.errors import ConfigError
+    from kdforge.validation import validate
 
     _write_folder(tmp_path)
     (tmp_path / "train" / "dog" / "0.jpg").write_bytes(b"not a jpeg")

@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kdforge.engine.loop import evaluate, fit
+from kdforge.api import fit
+from kdforge.engine.loop import evaluate
 from kdforge.methods import METHODS
 
 pytestmark = [

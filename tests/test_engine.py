@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from kdforge.api import fit
 from kdforge.config import OptimConfig, ScheduleConfig
 from kdforge.data.batch import Batch
 from kdforge.engine.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
-from kdforge.engine.loop import evaluate, fit
+from kdforge.engine.loop import evaluate
 from kdforge.engine.optim import build_optimizer, lr_factor
 from kdforge.errors import CheckpointError, ConfigError, KDForgeError
 from kdforge.methods import create_method

@@ -17,14 +17,15 @@ import yaml
 from torch import nn
 
 import kdforge.export as export_mod
+from kdforge.api import fit
 from kdforge.cli import main
-from kdforge.config import load_config, validate
+from kdforge.config import load_config
 from kdforge.engine.checkpoint import save_checkpoint
-from kdforge.engine.loop import fit
 from kdforge.errors import ConfigError, KDForgeError
 from kdforge.export import export_student, load_run_model, parse_formats
 from kdforge.models import create_model
 from kdforge.profile import count_macs, format_profile, measure_latency, profile_model, state_dict_bytes
+from kdforge.validation import validate
 
 FAST = ["--runs", "2", "--warmup", "0"]
 

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from kdforge.config import method_defaults
 from kdforge.data.batch import Batch
 from kdforge.errors import ConfigError
 from kdforge.losses import cross_entropy, kd_loss
 from kdforge.methods import METHODS, Progress, create_method, list_methods
+from kdforge.methods.params import method_defaults
 
 PROGRESS = Progress(epoch=0, step=0, epoch_float=0.0, fraction=0.0)
 

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from kdforge.api import fit
 from kdforge.data import build_data
 from kdforge.data.batch import Batch
 from kdforge.data.loader import NegativeSampler, TensorLoader
-from kdforge.engine.loop import fit
 from kdforge.losses.feature import attention_map
 from kdforge.losses.metric import triplet_margin_loss
 from kdforge.methods import Progress, create_method

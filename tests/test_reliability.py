@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdforge.api import fit
 from kdforge.data import build_data
 from kdforge.engine.checkpoint import load_checkpoint
-from kdforge.engine.loop import fit
 from kdforge.errors import ConfigError
 from kdforge.models import create_model
 
@@ -29,7 +29,7 @@ CHILD = textwrap.dedent(
     import sys, time
     import torch
     from kdforge.data import build_data
-    from kdforge.engine.loop import fit
+    from kdforge.api import fit
     from kdforge.errors import KDForgeError
     from kdforge.models import create_model
 
@@ -161,7 +161,8 @@ def test_signal_handlers_are_restored_after_fit(tmp_path):
 
 
 def test_negative_checkpoint_every_is_refused():
-    from kdforge.config import config_from_dict, validate
+    from kdforge.config import config_from_dict
+    from kdforge.validation import validate
 
     cfg = config_from_dict(
         {"model": {"name": "resnet8"}, "method": {"name": "vanilla"}, "train": {"checkpoint_every": -1}}

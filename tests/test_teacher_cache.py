@@ -9,19 +9,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdforge.api import fit
 from kdforge.bench import PILCifarDataset, format_bench, run_bench
-from kdforge.config import config_from_dict, validate
+from kdforge.config import config_from_dict
 from kdforge.data import build_data
 from kdforge.data.batch import Batch
 from kdforge.data.loader import TensorLoader, mix_seed
 from kdforge.engine.env import autocast
-from kdforge.engine.loop import fit
 from kdforge.engine.teacher_cache import attach_teacher_cache, cache_blocker
 from kdforge.errors import ConfigError, DataError
 from kdforge.methods import create_method
 from kdforge.methods.base import Progress, StepOutput
 from kdforge.methods.kd import KD
 from kdforge.models import create_model
+from kdforge.validation import validate
 
 CPU = torch.device("cpu")
 TRAIN = {"epochs": 2, "progress": False, "seed": 0, "device": "cpu", "log_every": 4}

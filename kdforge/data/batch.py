@@ -49,3 +49,20 @@ class Batch:
 
     def __len__(self) -> int:
         return self.input.shape[0]
+
+
+def batch_negatives(batch: Batch, method: str) -> Tensor:
+    """``batch.negative`` ``[B, C, H, W]``: one training sample of another class per anchor.
+
+    Raises:
+        ValueError: the batch carries no negatives (saying where they come from), or their shape is not the input's.
+    """
+    if batch.negative is None:
+        raise ValueError(
+            f"method '{method}' needs an other-class negative per sample (Batch.negative): kdforge's loaders add "
+            "them when the engine trains such a method (or build_data(..., negatives=True)); a custom loader must "
+            "fill Batch.negative itself"
+        )
+    if batch.negative.shape != batch.input.shape:
+        raise ValueError(f"Batch.negative has shape {tuple(batch.negative.shape)}, input {tuple(batch.input.shape)}")
+    return batch.negative

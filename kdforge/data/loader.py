@@ -31,18 +31,7 @@ from torch import Tensor
 from kdforge.data.augment import crop_at, hflip_where, normalize, random_crop, random_hflip
 from kdforge.data.batch import Batch
 from kdforge.data.jda import JDAPolicy, jda_augment
-
-_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads nearby (seed, epoch, ...) tuples over the seed space
-
-
-def mix_seed(*parts: int) -> int:
-    """A deterministic 63-bit seed from integers (a tiny hash, stable across processes and Python versions)."""
-    h = 0
-    for p in parts:
-        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * _MIX + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 29
-    return h & 0x7FFFFFFFFFFFFFFF
-
+from kdforge.seeding import mix_seed
 
 _M32 = 0xFFFFFFFF
 # Odd multipliers below 2**31: a 32-bit lane times one stays below 2**63, so int64 tensor arithmetic never overflows

@@ -9,9 +9,9 @@ from typing import Any
 
 from torch import nn
 
-from kdforge.config import CONTEXT_ARGS, check_method_params
 from kdforge.errors import ConfigError
 from kdforge.methods.base import Method, Progress, StepOutput
+from kdforge.methods.params import CONTEXT_ARGS, check_method_params
 from kdforge.registry import METHODS
 
 # Every module of this package registers its method when imported; importing them all here means a new method is
@@ -67,9 +67,23 @@ def create_method(
             f"the teacher predicts {t_classes} classes but the student {s_classes}; "
             "distillation needs the same classes (check teacher.num_classes / the dataset)"
         )
+    return instantiate_method(name, student, teacher, context=context, params=params)
+
+
+def instantiate_method(
+    name: str,
+    student: nn.Module,
+    teacher: nn.Module | None = None,
+    *,
+    context: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+) -> Method:
+    """Construct method ``name`` from parameters already checked (by :func:`create_method` or
+    :func:`kdforge.validation.validate`, which coerces ``cfg.method.params`` in place); no check is repeated."""
+    cls = METHODS.get(name)
     sig = inspect.signature(cls.__init__).parameters
     ctx = {k: v for k, v in (context or {}).items() if k in sig and k in CONTEXT_ARGS}
-    kwargs: dict[str, Any] = {"student": student, **ctx, **params}
+    kwargs: dict[str, Any] = {"student": student, **ctx, **(params or {})}
     if "teacher" in sig:
         kwargs["teacher"] = teacher
     try:
@@ -78,4 +92,4 @@ def create_method(
         raise ConfigError(f"method '{name}': {err}") from None
 
 
-__all__ = ["METHODS", "Method", "Progress", "StepOutput", "create_method", "list_methods"]
+__all__ = ["METHODS", "Method", "Progress", "StepOutput", "create_method", "instantiate_method", "list_methods"]

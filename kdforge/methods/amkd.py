@@ -7,11 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdforge.data.batch import Batch
+from kdforge.data.batch import Batch, batch_negatives
 from kdforge.losses.logit import cross_entropy, kl_div
 from kdforge.losses.metric import triplet_margin_loss
 from kdforge.methods.base import Method, Progress, StepOutput
-from kdforge.methods.triplet_kd import batch_negatives
 from kdforge.registry import METHODS
 
 

@@ -10,14 +10,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from kdforge import collectives
 from kdforge.data.batch import Batch
-from kdforge.data.loader import mix_seed
-from kdforge.engine import distributed
 from kdforge.losses.feature import contrast_logits, crd_nce_loss, info_nce_loss
 from kdforge.losses.logit import cross_entropy
 from kdforge.methods.base import Method, Progress, StepOutput
 from kdforge.models.features import pooled_dim, read_features
 from kdforge.registry import METHODS
+from kdforge.seeding import mix_seed
 
 PositiveMode = Literal["exact", "relax"]
 NegativeMode = Literal["other_class", "uniform"]
@@ -160,7 +160,7 @@ class CRD(Method):
         device = self.bank_label.device
         if self._gen is None or self._gen.device != device:
             gen = torch.Generator(device=device)
-            rank = distributed.current().rank  # every rank draws its own negatives
+            rank = collectives.current().rank  # every rank draws its own negatives
             gen.manual_seed(self._seed if rank == 0 else mix_seed(self._seed, rank))
             if self._pending_state is not None:
                 # A state saved on another device type does not fit this generator; the seed then stands.
@@ -231,11 +231,11 @@ class CRD(Method):
         Under DDP every rank applies the rows of all ranks (all-gathered; the shards of one step are disjoint), so
         the banks stay identical everywhere and equal those of one process training on the union of the batches.
         """
-        if distributed.current().enabled:
-            index = distributed.all_gather_cat(index)
-            v_s, v_t = distributed.all_gather_cat(torch.cat([v_s, v_t], dim=1).float()).split([v_s.shape[1]] * 2, 1)
+        if collectives.current().enabled:
+            index = collectives.all_gather_cat(index)
+            v_s, v_t = collectives.all_gather_cat(torch.cat([v_s, v_t], dim=1).float()).split([v_s.shape[1]] * 2, 1)
             if not self._labels_known:
-                self.bank_label[index] = distributed.all_gather_cat(target.to(self.bank_label.device))
+                self.bank_label[index] = collectives.all_gather_cat(target.to(self.bank_label.device))
         for bank, emb in ((self.bank_s, v_s), (self.bank_t, v_t)):
             rows = bank[index] * self.momentum + emb.detach().to(bank.dtype) * (1.0 - self.momentum)
             bank.index_copy_(0, index, rows / rows.norm(dim=1, keepdim=True))
@@ -260,8 +260,8 @@ class CRD(Method):
             exp_s, exp_t = logits_s.exp(), logits_t.exp()
             with torch.no_grad():
                 # Under DDP Z is the mean over every rank's first batch, as one process with their union would get.
-                first = distributed.all_reduce_sum(torch.stack([exp_s.mean(), exp_t.mean()]))
-                first = first * (self.num_train / distributed.current().world_size)
+                first = collectives.all_reduce_sum(torch.stack([exp_s.mean(), exp_t.mean()]))
+                first = first * (self.num_train / collectives.current().world_size)
                 self.nce_z.copy_(torch.where(self.nce_z > 0, self.nce_z, first))
             z = self.nce_z.clone()
             contrastive = crd_nce_loss(exp_s / z[0], self.num_train) + crd_nce_loss(exp_t / z[1], self.num_train)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kdforge import collectives
 from kdforge.data.batch import Batch
-from kdforge.engine import distributed
 from kdforge.losses.feature import rkd_angle_loss, rkd_distance_loss
 from kdforge.losses.logit import cross_entropy
 from kdforge.methods.base import Method, Progress, StepOutput
@@ -74,7 +74,7 @@ class RKD(Method):
         ce = self.ce_weight * cross_entropy(out_s.logits, batch.target)
         emb_s = out_s.pooled
         if self.global_batch:
-            emb_s, emb_t = distributed.all_gather_with_grad(emb_s), distributed.all_gather_cat(emb_t)
+            emb_s, emb_t = collectives.all_gather_with_grad(emb_s), collectives.all_gather_cat(emb_t)
         dist = self.distance_weight * rkd_distance_loss(emb_s, emb_t, self.squared, self.eps)
         angle = self.angle_weight * rkd_angle_loss(emb_s, emb_t)
         losses = {"ce": ce, "rkd_dist": dist, "rkd_angle": angle}

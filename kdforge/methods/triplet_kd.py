@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from kdforge.data.batch import Batch
+from kdforge.data.batch import Batch, batch_negatives
 from kdforge.losses.logit import cross_entropy, kd_loss
 from kdforge.losses.metric import triplet_margin_loss
 from kdforge.methods.base import Method, Progress, StepOutput
 from kdforge.registry import METHODS
-
-
-def batch_negatives(batch: Batch, method: str) -> Tensor:
-    """``batch.negative`` ``[B, C, H, W]``, or a ``ValueError`` that says where negatives come from."""
-    if batch.negative is None:
-        raise ValueError(
-            f"method '{method}' needs an other-class negative per sample (Batch.negative): kdforge's loaders add "
-            "them when the engine trains such a method (or build_data(..., negatives=True)); a custom loader must "
-            "fill Batch.negative itself"
-        )
-    if batch.negative.shape != batch.input.shape:
-        raise ValueError(f"Batch.negative has shape {tuple(batch.negative.shape)}, input {tuple(batch.input.shape)}")
-    return batch.negative
 
 
 @METHODS.register("triplet_kd")
