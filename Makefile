@@ -26,6 +26,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check kdforge tests scripts
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
@@ -33,6 +34,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check kdforge tests scripts
+	$(BIN)/lint-imports
 	$(BIN)/ruff format --check kdforge tests scripts
 
 format: $(STAMP)

@@ -187,15 +187,6 @@ CIFAR_METHODS: dict[str, tuple[str, Any]] = {
     ),
 }
 JDA_METHODS = {"ccd", "kd_jda"}
-# Registered methods with no teacher-student config per standard pair, and why (tests/test_configs_files.py reads
-# this; every other method must have all twelve CIFAR-100 pairs and the ImageNet R34->R18 config).
-NO_STANDARD_PAIRS: dict[str, str] = {
-    "vanilla": "trains teachers and student baselines (configs/cifar100/teachers)",
-    "dml": "teacher-less: configs/cifar100/dml/<student>.yaml",
-    "purf": "teacher smoothing: configs/cifar100/purf/<teacher>.yaml, then any method from the smoothed teacher",
-}
-
-
 def _flow(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"

@@ -197,3 +197,26 @@ def test_python_module_entry_point():
         timeout=120,
     )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "resnt8" in proc.stderr
+
+
+@pytest.mark.parametrize("where", ["file", "below_a_file"])
+def test_out_naming_an_existing_file_is_one_line(tmp_path, capsys, where):
+    # Regression: --out naming a file ended in a 30-line FileExistsError traceback.
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me\n")
+    out = blocker if where == "file" else blocker / "run"
+    code, _out, err = _run(capsys, "train", "--out", str(out), *FAST)
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert str(out) in err and ("existing file" in err or "cannot create the run directory" in err)
+    assert blocker.read_text() == "keep me\n"
+
+
+def test_config_with_a_key_given_twice_is_refused(tmp_path, capsys):
+    # Regression: two `method:` blocks were accepted silently, the later one winning.
+    path = tmp_path / "twice.yaml"
+    path.write_text("model: {name: resnet8}\nmethod: {name: vanilla}\ntrain: {epochs: 1}\nmethod:\n  name: dml\n")
+    code, _out, err = _run(capsys, "train", "--config", str(path), "--out", str(tmp_path / "r"))
+    assert code == 2 and err.count("\n") == 1
+    assert f"{path}: key 'method' is given twice, at lines 2 and 4" in err
+    assert not (tmp_path / "r").exists()

@@ -178,3 +178,27 @@ def test_overrides_either_apply_typed_or_fail_with_one_line(key, value):
         "train.grad_clip": float,
     }[key]
     assert isinstance(got, expected_type)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        ("method: {name: kd}\ndata: {name: embedded}\nmethod:\n  name: dkd\n", "'method'", (1, 3)),
+        ("train:\n  epochs: 3\n  seed: 1\n  epochs: 4\n", "'epochs'", (2, 4)),  # nested mappings too
+        ("optim: {lr: 0.1, lr: 0.2}\n", "'lr'", (1, 1)),
+    ],
+)
+def test_a_key_given_twice_names_the_key_and_both_lines(tmp_path, text, key, lines):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_yaml(path)
+    assert str(err.value).startswith(f"{path}: key {key} is given twice, at lines {lines[0]} and {lines[1]}")
+    assert "\n" not in str(err.value)
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    # `<<: *base` then an explicit key is YAML's override idiom, not a duplicate.
+    path = tmp_path / "c.yaml"
+    path.write_text("base: &b {epochs: 3, seed: 1}\ntrain:\n  <<: *b\n  epochs: 5\n")
+    assert load_yaml(path)["train"] == {"epochs": 5, "seed": 1}

@@ -151,6 +151,20 @@ def test_torchrun_cli_trains_and_both_ranks_refuse_an_existing_run(tmp_path):
     assert (out / "summary.json").stat().st_mtime_ns == before
 
 
+def test_torchrun_with_nonfinite_skip_trains(tmp_path):
+    # Regression: `torchrun ... train.nonfinite=skip` died on its first step with "'bool' object has no attribute
+    # 'all_reduce_sum'" (update_step's `distributed` flag shadowed the module). The skip verdict is agreed over ranks.
+    out = tmp_path / "run"
+    args = ["-m", "kdforge", "train", "--config", "configs/smoke/vanilla.yaml", "--out", str(out)]
+    args += ["data.train_subset=128", "data.test_subset=51", "data.batch_size=32", "train.epochs=1"]
+    args += ["train.device=cpu", "train.progress=false", "train.nonfinite=skip"]
+    proc, _ = torchrun(*args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert record["skipped_steps"] == 0 and record["step"] == 2  # 128 images / (2 ranks x 32)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
 def test_a_signal_on_one_rank_stops_all_after_the_same_step_and_resumes_exactly(tmp_path):
     run_worker("stop", tmp_path)
     a = json.loads((tmp_path / "rank0.json").read_text())

@@ -15,6 +15,7 @@ import torch
 
 from kdforge.api import fit
 from kdforge.data import build_data
+from kdforge.data.batch import Batch
 from kdforge.engine.checkpoint import load_checkpoint
 from kdforge.errors import ConfigError
 from kdforge.models import create_model
@@ -222,6 +223,25 @@ def test_skipped_step_changes_nothing(tiny_net, toy_data, poison):
     assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])  # weights and BN statistics
     assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])  # momentum
     assert update_step(method, good, progress, *args)[1]
+
+
+def test_skip_verdict_with_distributed_flag_runs_in_one_process(tiny_net, toy_data):
+    # Regression: update_step's `distributed` parameter shadowed the module of collectives, so a DDP run with
+    # train.nonfinite=skip died on its first step ('bool' object has no attribute 'all_reduce_sum'). In one process
+    # the agreement is the identity: the verdict must be the same as without the flag.
+    from kdforge.engine.step import update_step
+    from kdforge.methods import Progress, create_method
+
+    method = create_method("vanilla", tiny_net(), None)
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    good = next(iter(toy_data.train))
+    bad = Batch(good.input.clone(), good.target, good.index)
+    bad.input[0] = float("nan")
+    args = (optimizer, scaler, torch.device("cpu"), torch.float32, None, True, list(method.buffers()))
+    progress = Progress(0, 0, 0.0, 0.0)
+    assert bool(update_step(method, good, progress, *args, None, True)[1])
+    assert not bool(update_step(method, bad, progress, *args, None, True)[1])
 
 
 def test_nonfinite_steps_are_skipped_and_counted_or_stop_the_run(tiny_net, toy_data, tmp_path):

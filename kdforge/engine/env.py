@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import platform
 import random
@@ -108,12 +109,19 @@ def git_commit(path: Path | None = None) -> str | None:
         return None
 
 
+def package_version() -> str:
+    """kdforge's installed version (from the package metadata, so pyproject.toml is its one source); ``unknown``
+    for a source tree that was never installed."""
+    try:
+        return importlib.metadata.version("kdforge")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def environment(device: torch.device | None = None) -> dict[str, Any]:
     """Versions, commit and hardware, saved as ``env.json`` in each run directory."""
-    import kdforge
-
     info: dict[str, Any] = {
-        "kdforge": kdforge.__version__,
+        "kdforge": package_version(),
         "git_commit": git_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -72,10 +72,19 @@ class Method(nn.Module, abc.ABC):
     #: every training batch must carry ``Batch.negative``: one sample of another class per anchor (triplet KD, AMKD).
     needs_negatives: ClassVar[bool] = False
     trains_teacher: ClassVar[bool] = False
+    #: the method ships a config for every standard teacher-student pair (12 CIFAR-100, ImageNet R34->R18; generated
+    #: by scripts/make_configs.py). Defaults to ``needs_teacher``: a teacher-less method (vanilla, DML, PURF) has no
+    #: pairs. A new distillation method declares ``False`` until its pair configs exist.
+    standard_pairs: ClassVar[bool] = True
     #: the frozen, eval-mode teacher's only job is logits of ``batch.input``, asked through :meth:`teacher_outputs`,
     #: so they may be computed once per ``(view, sample)`` and reused when the data repeats
     #: (:mod:`kdforge.engine.teacher_cache`). A subclass that overrides ``forward_train`` must declare it again.
     teacher_cacheable: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "standard_pairs" not in cls.__dict__:
+            cls.standard_pairs = cls.needs_teacher
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None) -> None:
         super().__init__()
