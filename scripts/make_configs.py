@@ -187,6 +187,8 @@ CIFAR_METHODS: dict[str, tuple[str, Any]] = {
     ),
 }
 JDA_METHODS = {"ccd", "kd_jda"}
+
+
 def _flow(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
