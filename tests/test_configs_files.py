@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +82,16 @@ def test_every_method_has_a_smoke_config(method):
     assert method in {p.stem for p in SMOKE}, f"add configs/smoke/{method}.yaml"
 
 
-SMOKE = sorted((REPO / "configs" / "smoke").glob("*.yaml"))
+# KDFORGE_EXTRA_SMOKE_DIRS (os.pathsep-separated) adds smoke configs from outside the repository: the test that
+# adds a throwaway method (tests/test_add_a_method.py) ships its one smoke YAML that way.
+SMOKE = sorted(
+    p
+    for d in [
+        REPO / "configs" / "smoke",
+        *filter(None, os.environ.get("KDFORGE_EXTRA_SMOKE_DIRS", "").split(os.pathsep)),
+    ]
+    for p in Path(d).glob("*.yaml")
+)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from kdforge.config import config_from_dict, load_config
 from kdforge.data.batch import Batch
 from kdforge.errors import ConfigError
 from kdforge.methods import Progress, create_method
-from kdforge.methods.purf import (
+from kdforge.losses.smoothness import (
     ConvGeometry,
     consistency_loss,
     conv_adjoint,
