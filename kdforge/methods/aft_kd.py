@@ -4,9 +4,7 @@ each loss's rate of decrease."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +14,7 @@ from kdforge.data.batch import Batch
 from kdforge.losses.feature import attention_map
 from kdforge.losses.logit import cross_entropy, kd_loss
 from kdforge.methods.base import Method, Progress, StepOutput
-from kdforge.models.taps import FeatureTap
+from kdforge.models.features import StageReader
 from kdforge.registry import METHODS
 
 AFBForm = Literal["gate", "concat", "none"]
@@ -74,72 +72,6 @@ def block_ends(num_stages: int, num_blocks: int) -> list[int]:
     """The stage index (0-based) that ends each of ``num_blocks`` contiguous, near-equal groups of stages: the
     block partition that lets two networks with different stage counts be aligned block by block."""
     return [math.ceil((j + 1) * num_stages / num_blocks) - 1 for j in range(num_blocks)]
-
-
-def _probe_outputs(net: nn.Module, size: int, leaves_only: bool) -> list[tuple[str, int, tuple[int, int]]]:
-    """``[(module path, channels, (H, W))]`` of every 4-D submodule output, in call order, of one probe forward on
-    a ``size`` px zero image (eval mode, so BN statistics do not move; no grad)."""
-    calls: list[tuple[str, int, tuple[int, int]]] = []
-
-    def record(name: str, module: nn.Module, inputs: Any, output: Any) -> None:
-        if isinstance(output, Tensor) and output.ndim == 4:
-            calls.append((name, output.shape[1], (output.shape[2], output.shape[3])))
-
-    modules = [(n, m) for n, m in net.named_modules() if n and not (leaves_only and any(True for _ in m.children()))]
-    handles = [m.register_forward_hook(partial(record, n)) for n, m in modules]
-    was_training = net.training
-    ref = next(net.parameters())
-    try:
-        net.eval()
-        with torch.no_grad():
-            net(torch.zeros(2, 3, size, size, device=ref.device, dtype=ref.dtype))
-    finally:
-        for h in handles:
-            h.remove()
-        net.train(was_training)
-    return calls
-
-
-def _probe_stage_taps(net: nn.Module, size: int) -> list[tuple[str, int]]:
-    """``[(module path, channels)]`` of the last leaf module at each spatial resolution above 1×1: the stage ends of
-    a network that has no ``forward_features``."""
-    last: dict[tuple[int, int], tuple[int, str, int]] = {}
-    for i, (name, channels, hw) in enumerate(_probe_outputs(net, size, leaves_only=True)):
-        if hw != (1, 1):
-            last[hw] = (i, name, channels)
-    if not last:
-        raise ValueError(f"{type(net).__name__} produced no spatial feature map on a {size}px probe input")
-    return [(name, c) for _, name, c in sorted(last.values())]
-
-
-class _StageReader:
-    """Stage maps ``[stage1, …, stageL]`` and logits of one network: through ``forward_features`` when the model has
-    the kdforge feature API, else through a :class:`FeatureTap` on the given or probed module paths."""
-
-    def __init__(self, net: nn.Module, layers: Sequence[str] | None, probe_size: int) -> None:
-        if layers is None and hasattr(net, "forward_features") and getattr(net, "feature_info", None):
-            self.paths: list[str] | None = None
-            self.channels = [info.channels for info in net.feature_info[1:]]  # the stem is not a stage
-            return
-        if layers is None:
-            taps = _probe_stage_taps(net, probe_size)
-        else:
-            found = {name: c for name, c, _ in _probe_outputs(net, probe_size, leaves_only=False)}
-            missing = [p for p in layers if p not in found]
-            if missing:
-                FeatureTap(net, missing)  # raises the registry's "did you mean" error for unknown paths
-                raise ValueError(f"modules {missing} produce no [B, C, H, W] output on a {probe_size}px input")
-            taps = [(p, found[p]) for p in layers]
-        self.paths = [p for p, _ in taps]
-        self.channels = [c for _, c in taps]
-
-    def __call__(self, net: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        if self.paths is None:
-            out = net.forward_features(x)
-            return out.logits, list(out.feats[1:])
-        with FeatureTap(net, self.paths) as tap:
-            logits = net(x)
-        return logits, list(tap.outputs)
 
 
 def _match_spatial(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
@@ -229,8 +161,8 @@ class AFTKD(Method):
         self.lambdas = {"att": att_weight, "feat": feat_weight, "kd": kd_weight}
         self.adaptive, self.dwa_temperature = adaptive, dwa_temperature
         self.enabled = [n for n in LOSS_NAMES if self.lambdas[n] > 0]
-        self.read_student = _StageReader(student, student_layers, probe_size)
-        self.read_teacher = _StageReader(teacher, teacher_layers, probe_size)
+        self.read_student = StageReader(student, student_layers, probe_size)
+        self.read_teacher = StageReader(teacher, teacher_layers, probe_size)
         n_s, n_t = len(self.read_student.channels), len(self.read_teacher.channels)
         k = blocks if blocks is not None else min(n_s, n_t)
         if not 1 <= k <= min(n_s, n_t):
