@@ -25,19 +25,12 @@ import torch.distributed as dist
 
 # The collectives live in the leaf module kdforge.collectives (methods use them too); they are re-exported here so
 # engine code and existing callers keep reading `distributed.all_reduce_sum(...)`.
+from kdforge import collectives
 from kdforge.collectives import (
-    CollectiveReducer,
     DistInfo,
     _env_int,
-    all_gather_cat,
-    all_gather_with_grad,
-    all_reduce_sum,
-    broadcast_buffers,
-    broadcast_object,
     current,
-    gather_objects,
     launched_world_size,
-    on_main,
 )
 from kdforge.errors import ConfigError
 
@@ -104,19 +97,4 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
-__all__ = [
-    "CollectiveReducer",
-    "DistInfo",
-    "all_gather_cat",
-    "all_gather_with_grad",
-    "all_reduce_sum",
-    "broadcast_buffers",
-    "broadcast_object",
-    "current",
-    "exit_process",
-    "gather_objects",
-    "init_distributed",
-    "launched_world_size",
-    "on_main",
-    "shutdown",
-]
+__all__ = ["exit_process", "init_distributed", "shutdown", *collectives.__all__]

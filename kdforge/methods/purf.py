@@ -33,7 +33,6 @@ from kdforge.losses.smoothness import (
     SpectralMode,
     bn_scale,
     consistency_loss,
-    conv_adjoint,
     conv_operator,
     conv_power_iteration,
     feature_smoothness,
@@ -356,15 +355,4 @@ class PURF(Method):
         return StepOutput(loss=total, losses=losses, logits=logits)
 
 
-__all__ = [
-    "PURF",
-    "ConvGeometry",
-    "consistency_loss",
-    "conv_adjoint",
-    "conv_operator",
-    "conv_power_iteration",
-    "feature_smoothness",
-    "matrix_power_iteration",
-    "matrix_sigma",
-    "spectral_penalty",
-]
+__all__ = ["PURF"]
