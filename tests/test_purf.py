@@ -15,7 +15,6 @@ from torch import nn
 from kdforge.config import config_from_dict, load_config
 from kdforge.data.batch import Batch
 from kdforge.errors import ConfigError
-from kdforge.methods import Progress, create_method
 from kdforge.losses.smoothness import (
     ConvGeometry,
     consistency_loss,
@@ -27,6 +26,7 @@ from kdforge.losses.smoothness import (
     matrix_sigma,
     spectral_penalty,
 )
+from kdforge.methods import Progress, create_method
 from kdforge.models import create_model
 
 START = Progress(epoch=0, step=0, epoch_float=0.0, fraction=0.0)
