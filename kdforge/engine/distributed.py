@@ -26,11 +26,19 @@ import torch.distributed as dist
 # The collectives live in the leaf module kdforge.collectives (methods use them too); they are re-exported here so
 # engine code and existing callers keep reading `distributed.all_reduce_sum(...)`.
 from kdforge import collectives
-from kdforge.collectives import (
+from kdforge.collectives import (  # noqa: F401 (re-exported: see collectives.__all__ below)
+    CollectiveReducer,
     DistInfo,
     _env_int,
+    all_gather_cat,
+    all_gather_with_grad,
+    all_reduce_sum,
+    broadcast_buffers,
+    broadcast_object,
     current,
+    gather_objects,
     launched_world_size,
+    on_main,
 )
 from kdforge.errors import ConfigError
 
