@@ -34,7 +34,8 @@ def _np_kl(t_logits: np.ndarray, s_logits: np.ndarray, axis: int) -> np.ndarray:
 
 def _maps(seed: int, shape: tuple[int, ...] = (2, 3, 4, 5)) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64) * 2, torch.randn(shape, generator=g, dtype=torch.float64)
+    student = torch.randn(shape, generator=g, dtype=torch.float64) * 2
+    return student, torch.randn(shape, generator=g, dtype=torch.float64)
 
 
 # ------------------------------------------------------------------------------------------------ pixel KD

@@ -64,7 +64,9 @@ def scan_voc(root: Path, split: str) -> list[tuple[Path, Path]]:
         img, mask = root / "JPEGImages" / f"{name}.jpg", root / "SegmentationClass" / f"{name}.png"
         for p in (img, mask):
             if not p.is_file():
-                raise DataError(f"{p} is listed in {list_file} but missing; restore it or remove '{name}' from the list")
+                raise DataError(
+                    f"{p} is listed in {list_file} but missing; restore it or remove '{name}' from that list"
+                )
         pairs.append((img, mask))
     return pairs
 
@@ -80,7 +82,8 @@ def scan_cityscapes(root: Path, split: str) -> list[tuple[Path, Path]]:
         mask = root / "gtFine" / split / img.parent.name / f"{stem}_gtFine_labelTrainIds.png"
         if not mask.is_file():
             raise DataError(
-                f"{mask} missing for {img.name}; create the trainId masks with cityscapesScripts' createTrainIdLabelImgs"
+                f"{mask} missing for {img.name}; "
+                "create the trainId masks with cityscapesScripts' createTrainIdLabelImgs"
             )
         pairs.append((img, mask))
     return pairs
@@ -166,7 +169,9 @@ class SegmentationFolder:
         else:
             raise DataError(f"unknown segmentation layout {layout!r}; use 'voc', 'cityscapes' or 'auto'")
         if not self.samples:
-            raise DataError(f"split '{split}' of {self.root} ({self.layout} layout) has no samples; check the split name")
+            raise DataError(
+                f"split '{split}' of {self.root} ({self.layout} layout) has no samples; check the split name"
+            )
         self.num_classes = num_classes or len(default_names)
         self.ignore_index = ignore_index
         if class_names_file is not None:
@@ -242,9 +247,9 @@ class SegTensors:
 
 __all__ = [
     "CITYSCAPES_CLASSES",
+    "VOC_CLASSES",
     "SegTensors",
     "SegmentationFolder",
-    "VOC_CLASSES",
     "detect_layout",
     "pad_collate",
     "read_class_names",

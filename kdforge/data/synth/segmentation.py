@@ -46,7 +46,9 @@ class SegArrays:
 
 def _to_hwc(images: np.ndarray) -> np.ndarray:
     if images.ndim != 4 or images.dtype != np.uint8:
-        raise DataError(f"source images must be uint8 [N, 32, 32, 3] or [N, 3, 32, 32]; got {images.dtype} {images.shape}")
+        raise DataError(
+            f"source images must be uint8 [N, 32, 32, 3] or [N, 3, 32, 32]; got {images.dtype} {images.shape}"
+        )
     if images.shape[-1] == 3:
         return images
     if images.shape[1] == 3:
@@ -135,7 +137,9 @@ def make_segmentation_canvases(
     hwc = _to_hwc(images)
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
     if len(hwc) < 2 or len(labels) != len(hwc):
-        raise DataError(f"need at least 2 source images with one label each; got {len(hwc)} images, {len(labels)} labels")
+        raise DataError(
+            f"need at least 2 source images with one label each; got {len(hwc)} images, {len(labels)} labels"
+        )
     if labels.min() < 0 or labels.max() > 9:
         raise DataError(f"source labels must be CIFAR-10 classes 0..9; got {labels.min()}..{labels.max()}")
     if size < 16 or max_objects < 1 or count < 1:

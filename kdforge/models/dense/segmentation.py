@@ -139,7 +139,12 @@ class PSPHead(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, channels: int, num_classes: int, bins: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1
+        self,
+        in_channels: int,
+        channels: int,
+        num_classes: int,
+        bins: Sequence[int] = (1, 2, 3, 6),
+        dropout: float = 0.1,
     ) -> None:
         super().__init__()
         self.ppm = PPM(in_channels, channels, bins)
@@ -246,7 +251,8 @@ def fcn_resnet(
 ) -> SegmentationNet:
     """CIFAR ResNet (output stride 8, or 4 with ``dilate_last``) + one-conv FCN head."""
     backbone = SegBackbone(depth, filters, dilate_last=dilate_last)
-    return SegmentationNet(backbone, FCNHead(backbone.out_channels, channels, num_classes, dropout=dropout), num_classes)
+    head = FCNHead(backbone.out_channels, channels, num_classes, dropout=dropout)
+    return SegmentationNet(backbone, head, num_classes)
 
 
 def pspnet_resnet20(num_classes: int = 11, aux: bool = True) -> SegmentationNet:
@@ -278,10 +284,10 @@ SEGMENTATION_MODELS: dict[str, Callable[..., SegmentationNet]] = {
 }
 
 __all__ = [
-    "FCNHead",
     "PPM",
-    "PSPHead",
     "SEGMENTATION_MODELS",
+    "FCNHead",
+    "PSPHead",
     "SegBackbone",
     "SegFeatures",
     "SegmentationNet",
