@@ -22,6 +22,16 @@ from kdforge.losses.feature import at_loss, hint_loss
 from kdforge.models.dense.segmentation import fcn_resnet8, pspnet_resnet20
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These networks are tiny: one intra-op thread is as fast, and it avoids the large slowdowns of two spinning
+    # threads on a loaded shared CPU.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _np_log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
     m = x.max(axis=axis, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))

@@ -21,6 +21,16 @@ EXPECTED_COST = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These networks are tiny: one intra-op thread is as fast, and it avoids the large slowdowns of two spinning
+    # threads on a loaded shared CPU.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _x(b: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(seed))
 

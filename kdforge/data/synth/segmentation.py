@@ -6,7 +6,7 @@ The procedure (docs/tasks/segmentation.md, "Synthetic CIFAR-10 canvases"), per c
 1. **Background.** A random source image; a random 12×12 window of it is bilinearly upsampled to the canvas and
    box-blurred (5×5), giving a smooth texture with real image colours and no object-level detail. Label 0.
 2. **Objects.** 1–3 objects (uniform). Each is another random source image, bilinearly resized to a side of
-   ``U[0.375, 0.75]`` × canvas and placed uniformly inside the canvas, and pasted through a random shape mask:
+   ``U[0.5, 0.85]`` × canvas and placed uniformly inside the canvas, and pasted through a random shape mask:
    an ellipse (semi-axes ``U[0.3, 0.5]`` × side, random rotation) or a star-convex polygon (5–8 vertices at sorted
    random angles, radii ``U[0.25, 0.5]`` × side). Later objects occlude earlier ones (paint order = depth order).
    Label ``CIFAR class + 1``, so the label space is 11 classes with 0 = background.
@@ -108,7 +108,7 @@ def make_canvas(
     mask = np.zeros((size, size), dtype=np.uint8)
     for _ in range(int(rng.integers(1, max_objects + 1))):
         k = rng.integers(n)
-        side = int(rng.integers(round(0.375 * size), round(0.75 * size) + 1))
+        side = int(rng.integers(round(0.5 * size), round(0.85 * size) + 1))
         obj = _resize(images[k], side).astype(np.float32)
         shape = ellipse_mask(side, rng) if rng.random() < 0.5 else polygon_mask(side, rng)
         top, left = (int(v) for v in rng.integers(0, size - side + 1, size=2))
