@@ -80,21 +80,37 @@ def ellipse_mask(side: int, rng: np.random.Generator) -> np.ndarray:
     return (u / a) ** 2 + (v / b) ** 2 <= 1.0
 
 
-def polygon_mask(side: int, rng: np.random.Generator) -> np.ndarray:
-    """A random star-convex polygon centred in a ``side × side`` box, bool ``[side, side]`` (even-odd rule)."""
-    n = int(rng.integers(5, 9))
-    ang = np.sort(rng.uniform(0, 2 * np.pi, size=n))
-    rad = rng.uniform(0.25, 0.5, size=n) * side
-    vx, vy = side / 2 + rad * np.cos(ang), side / 2 + rad * np.sin(ang)
+def rasterize_polygon(vx: np.ndarray, vy: np.ndarray, side: int) -> np.ndarray:
+    """Pixels of a ``side × side`` grid whose centres lie inside the polygon (even-odd rule), bool ``[side, side]``.
+
+    Args:
+        vx, vy: ``[V]`` vertex coordinates in pixels (pixel ``(r, c)`` has its centre at ``(c + 0.5, r + 0.5)``).
+        side: grid side.
+    """
     yy, xx = np.mgrid[0:side, 0:side].astype(np.float64) + 0.5
     inside = np.zeros((side, side), dtype=bool)
-    for i in range(n):
+    for i in range(len(vx)):
         x0, y0, x1, y1 = vx[i], vy[i], vx[i - 1], vy[i - 1]
-        crosses = (y0 > yy) != (y1 > yy)
+        crosses = (y0 > yy) != (y1 > yy)  # the edge straddles the pixel's row: never a horizontal edge
         with np.errstate(divide="ignore", invalid="ignore"):
             x_at = (x1 - x0) * (yy - y0) / (y1 - y0) + x0
         inside ^= crosses & (xx < x_at)
     return inside
+
+
+def polygon_vertices(side: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random star-convex polygon centred in a ``side × side`` box: 5–8 vertices at sorted random angles, radii
+    ``U[0.25, 0.5]`` × side. Returns ``(vx, vy)``."""
+    n = int(rng.integers(5, 9))
+    ang = np.sort(rng.uniform(0, 2 * np.pi, size=n))
+    rad = rng.uniform(0.25, 0.5, size=n) * side
+    return side / 2 + rad * np.cos(ang), side / 2 + rad * np.sin(ang)
+
+
+def polygon_mask(side: int, rng: np.random.Generator) -> np.ndarray:
+    """A random star-convex polygon (:func:`polygon_vertices`) rasterized, bool ``[side, side]``."""
+    vx, vy = polygon_vertices(side, rng)
+    return rasterize_polygon(vx, vy, side)
 
 
 def make_canvas(
@@ -181,4 +197,6 @@ __all__ = [
     "make_canvas",
     "make_segmentation_canvases",
     "polygon_mask",
+    "polygon_vertices",
+    "rasterize_polygon",
 ]
