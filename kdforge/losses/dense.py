@@ -106,8 +106,9 @@ def cwd_loss(student_maps: Tensor, teacher_maps: Tensor, temperature: float = 1.
     Shu, Liu, Gao, Yan & Shen, "Channel-wise Knowledge Distillation for Dense Prediction", ICCV 2021. Checked against
     mmrazor ``mmrazor/models/losses/cwd.py`` (``ChannelWiseDivergence``, commit
     09bef65714ba0f227626ca2585ebad2adb44bf9d): each channel's ``H·W`` map is a distribution, the KL sum over all
-    channels and samples is multiplied by τ² and divided by ``C·N`` (mmrazor's ``loss_weight`` is the method's
-    weight, 3 in its PSPNet-R101 → R18 config at τ = 4).
+    channels and samples is multiplied by τ² and divided by ``C·N``. mmrazor's ``loss_weight`` is the method's
+    weight: 5 at τ = 1 on the decode head's ``conv_seg`` output in its Cityscapes PSPNet-R101 → R18 config
+    (``configs/distill/mmseg/cwd/cwd_logits_pspnet_r101_d8_pspnet_r18_d8_512x1024_cityscapes_80k.py``).
 
     Args:
         student_maps: ``[N, C, H, W]`` (logits, or features already projected to the teacher's channels).
