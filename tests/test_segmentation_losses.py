@@ -143,11 +143,15 @@ def test_soft_enhancement_uniform_and_peaked() -> None:
     assert w[0, 0, 0, 0] == w.max()  # the strongest position of the strongest channel is enhanced most
 
 
-def _np_fckd(s: np.ndarray, t: np.ndarray, tau: float) -> tuple[float, float]:
-    """FCKDNet (soft condensation, enhancement) written out in numpy."""
+def _np_fckd(s: np.ndarray, t: np.ndarray, tau: float, hard: bool = False) -> tuple[float, float]:
+    """FCKDNet (soft or hard condensation, enhancement) written out in numpy."""
     k = t.shape[1]
     lt = _np_log_softmax(t, 1)
     m = 1 + (np.exp(lt) * lt).sum(1, keepdims=True) / math.log(k)
+    if hard:  # keep the pixels at or below each image's median entropy (linear-interpolated quantile)
+        ent = 1 - m
+        q = np.quantile(ent.reshape(len(ent), -1), 0.5, axis=1).reshape(-1, 1, 1, 1)
+        m = (ent <= q).astype(np.float64)
     zt, zs = m * t, m * s
     b, c, h, w = zt.shape
     sp = np.exp(_np_log_softmax(zt.mean(1).reshape(b, -1), 1)).reshape(b, 1, h, w)
@@ -159,10 +163,11 @@ def _np_fckd(s: np.ndarray, t: np.ndarray, tau: float) -> tuple[float, float]:
     return spatial, channel
 
 
-def test_fckd_matches_numpy_reconstruction() -> None:
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_fckd_matches_numpy_reconstruction(mode: str) -> None:
     s, t = _maps(4, (2, 5, 4, 4))
-    spatial, channel = _np_fckd(s.numpy(), t.numpy(), 4.0)
-    got = fckd_losses(s, t, temperature=4.0)
+    spatial, channel = _np_fckd(s.numpy(), t.numpy(), 4.0, hard=mode == "hard")
+    got = fckd_losses(s, t, temperature=4.0, mode=mode)  # type: ignore[arg-type]
     assert got["spatial"].item() == pytest.approx(spatial, rel=1e-4)
     assert got["channel"].item() == pytest.approx(channel, rel=1e-4)
 
