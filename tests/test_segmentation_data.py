@@ -267,6 +267,9 @@ def test_zoom_out_pads_masks_with_ignore_and_images_with_zero() -> None:
     assert (m[:, 4:8, 2:6] != 255).all() and (m == 255).sum() == 2 * (64 - 16)
     assert set(m[m != 255].tolist()) <= set(masks.unique().tolist())
     assert (warp_images(images, p)[:, :, :4] == 0).all()
+    filled = warp_images(images, p, fill=0.5)
+    assert torch.allclose(filled[:, :, :4], torch.full_like(filled[:, :, :4], 0.5))
+    assert torch.allclose(filled[:, :, 5:7, 3:5], warp_images(images, p)[:, :, 5:7, 3:5], atol=1e-6)  # inside
 
 
 def test_map_xy_follows_the_pixels() -> None:

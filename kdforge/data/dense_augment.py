@@ -99,11 +99,11 @@ def sample_scale_crop_flip(
 def warp_images(images: Tensor, params: ScaleCropFlip, fill: float = 0.0) -> Tensor:
     """Bilinear resampling of ``[B, C, H_in, W_in]`` float images to ``[B, C, H_out, W_out]``, ``fill`` outside."""
     grid = F.affine_grid(params.theta().to(images.dtype), [images.shape[0], 1, *params.out_size], align_corners=False)
-    if fill == 0.0:
-        return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    ones = torch.ones_like(images[:, :1])
-    out = F.grid_sample(torch.cat([images - fill, ones], 1), grid, mode="bilinear", align_corners=False)
-    return out[:, :-1] + fill
+    # Sampling ``images − fill`` with zero padding and adding ``fill`` back pads with ``fill`` and leaves the inside
+    # unchanged (bilinear weights sum to one there).
+    shifted = images if fill == 0.0 else images - fill
+    out = F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out if fill == 0.0 else out + fill
 
 
 def warp_masks(masks: Tensor, params: ScaleCropFlip, ignore_index: int = 255) -> Tensor:
