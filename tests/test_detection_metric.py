@@ -51,12 +51,12 @@ def _pycocotools_stats(data: list[tuple[dict, dict]]) -> dict[str, float]:
     ann_id = 1
     for img_id, (gt, dt) in enumerate(data):
         images.append({"id": img_id, "width": 300, "height": 300})
-        for box, lab, cr in zip(gt["boxes"], gt["labels"], gt["crowd"]):
+        for box, lab, cr in zip(gt["boxes"], gt["labels"], gt["crowd"], strict=False):
             x1, y1, x2, y2 = (float(v) for v in box)
             anns.append({"id": ann_id, "image_id": img_id, "category_id": int(lab) + 1, "iscrowd": int(cr),
                          "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)})  # fmt: skip
             ann_id += 1
-        for box, lab, sc in zip(dt["boxes"], dt["labels"], dt["scores"]):
+        for box, lab, sc in zip(dt["boxes"], dt["labels"], dt["scores"], strict=False):
             x1, y1, x2, y2 = (float(v) for v in box)
             results.append({"image_id": img_id, "category_id": int(lab) + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
                             "score": float(sc)})  # fmt: skip
@@ -70,7 +70,7 @@ def _pycocotools_stats(data: list[tuple[dict, dict]]) -> dict[str, float]:
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return dict(zip(KEYS, (float(v) for v in ev.stats)))
+    return dict(zip(KEYS, (float(v) for v in ev.stats), strict=False))
 
 
 def _feed(ev: DetectionEvaluator, data: list[tuple[dict, dict]], ids: list[int]) -> None:
@@ -164,7 +164,7 @@ def test_two_rank_reduction_is_exact() -> None:
     r0, r1 = DetectionEvaluator(NUM_CLASSES), DetectionEvaluator(NUM_CLASSES)
     # a distributed sampler deals images round-robin and pads rank 1 with a repeat of image 0
     _feed(r0, data, ids[0::2])
-    _feed(r1, data, ids[1::2] + [0])
+    _feed(r1, data, [*ids[1::2], 0])
     reducer = _TwoRanks()
     assert r1.compute(reducer) == {}  # rank order does not matter to the result; the non-final rank gets {}
     assert r0.compute(reducer) == expected
@@ -175,9 +175,12 @@ def test_multi_rank_without_image_ids_is_an_error() -> None:
     r0, r1 = DetectionEvaluator(NUM_CLASSES), DetectionEvaluator(NUM_CLASSES)
     for ev, i in ((r0, 0), (r1, 1)):
         gt, dt = data[i]
-        ev.update([Detections(torch.tensor(dt["boxes"]).reshape(-1, 4), torch.tensor(dt["scores"]),
-                              torch.tensor(dt["labels"]))],
-                  {"boxes": torch.tensor(gt["boxes"]).reshape(1, -1, 4), "labels": torch.tensor(gt["labels"])[None]})  # fmt: skip
+        det = Detections(
+            torch.tensor(dt["boxes"]).reshape(-1, 4), torch.tensor(dt["scores"]), torch.tensor(dt["labels"])
+        )
+        ev.update(
+            [det], {"boxes": torch.tensor(gt["boxes"]).reshape(1, -1, 4), "labels": torch.tensor(gt["labels"])[None]}
+        )
     reducer = _TwoRanks()
     r1.compute(reducer)
     with pytest.raises(ValueError, match="image_ids"):

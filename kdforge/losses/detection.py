@@ -1,0 +1,139 @@
+"""Task losses of the GFL detector: quality focal loss, distribution focal loss and GIoU loss.
+
+Li et al., "Generalized Focal Loss: Learning Qualified and Distributed Bounding Boxes for Dense Object Detection",
+NeurIPS 2020. Formulas checked against mmdetection ``mmdet/models/losses/gfocal_loss.py`` (``quality_focal_loss``,
+``distribution_focal_loss``) and ``mmdet/models/losses/iou_loss.py`` (``giou_loss``); weights and normalisation
+against ``mmdet/models/dense_heads/gfl_head.py`` (see :func:`gfl_loss`). All losses compute in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from kdforge.tasks.ops.boxes import elementwise_giou
+
+#: GFL's default loss weights (mmdet ``configs/gfl/gfl_r50_fpn_1x_coco.py``): QFL 1.0, GIoU 2.0, DFL 0.25
+GFL_WEIGHTS: dict[str, float] = {"qfl": 1.0, "giou": 2.0, "dfl": 0.25}
+
+
+def quality_focal_loss(logits: Tensor, labels: Tensor, quality: Tensor, beta: float = 2.0) -> Tensor:
+    """Quality focal loss per sample, summed over classes (GFL eq. 6).
+
+    Every class is a sigmoid binary problem with soft target ``y``: ``y = quality`` (the IoU of the predicted box
+    with its gt) for the labelled class of a positive, 0 otherwise; the BCE is scaled by ``|y - sigmoid(x)|^beta``.
+
+    Args:
+        logits: ``[N, C]``.
+        labels: int64 ``[N]``, the positive's class or -1 for background.
+        quality: ``[N]`` soft targets in ``[0, 1]`` (read only where ``labels >= 0``).
+        beta: focusing exponent (GFL: 2).
+
+    Returns:
+        ``[N]`` unreduced loss.
+    """
+    logits = logits.float()
+    num_classes = logits.shape[1]
+    pos = labels >= 0
+    target = F.one_hot(labels.clamp(min=0), num_classes).float() * (quality.float() * pos)[:, None]
+    prob = logits.sigmoid()
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (bce * (target - prob).abs().pow(beta)).sum(dim=1)
+
+
+def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Distribution focal loss (GFL eq. 7) of one edge distribution per row.
+
+    Cross-entropy against the two bins around the continuous target ``y`` (``y_l = floor(y)``, ``y_r = y_l + 1``),
+    weighted ``y_r - y`` and ``y - y_l``.
+
+    Args:
+        logits: ``[n, reg_max + 1]``.
+        target: ``[n]`` distances in bins, in ``[0, reg_max)``.
+
+    Returns:
+        ``[n]`` unreduced loss.
+    """
+    logits = logits.float()
+    target = target.float()
+    left = target.long()
+    right = left + 1
+    w_left = right.float() - target
+    w_right = target - left.float()
+    return (
+        F.cross_entropy(logits, left, reduction="none") * w_left
+        + F.cross_entropy(logits, right, reduction="none") * w_right
+    )
+
+
+def giou_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """``1 - GIoU`` of matching boxes: ``[n, 4]`` xyxy each, to ``[n]`` (Rezatofighi et al., CVPR 2019)."""
+    return 1.0 - elementwise_giou(pred.float(), target.float())
+
+
+def gfl_loss(
+    cls_logits: Tensor,
+    labels: Tensor,
+    quality: Tensor,
+    pos_mask: Tensor,
+    pos_box_pred: Tensor,
+    pos_box_target: Tensor,
+    pos_edge_logits: Tensor,
+    pos_edge_target: Tensor,
+    pos_weight: Tensor,
+    weights: dict[str, float] = GFL_WEIGHTS,
+) -> dict[str, Tensor]:
+    """The GFL training loss with mmdet ``GFLHead.loss_by_feat``'s normalisation, summed over levels and images.
+
+    - QFL: summed over points and classes, divided by the number of positives (at least 1);
+    - GIoU: each positive weighted by ``pos_weight`` (the max predicted class score, detached), summed;
+    - DFL: each of the 4 edges weighted by ``pos_weight``, summed and divided by 4;
+    - GIoU and DFL are then divided by ``sum(pos_weight)`` (at least 1).
+    mmdet also averages the positive count and ``sum(pos_weight)`` over GPUs (``reduce_mean``); here they are this
+    process's, which equals mmdet on one GPU.
+
+    Args:
+        cls_logits: ``[B, N, C]`` classification logits of all points.
+        labels: int64 ``[B, N]`` class of positives, -1 elsewhere.
+        quality: ``[B, N]`` IoU targets of positives (0 elsewhere).
+        pos_mask: bool ``[B, N]``.
+        pos_box_pred: ``[P, 4]`` decoded boxes of the positives (any unit; GIoU is scale-free).
+        pos_box_target: ``[P, 4]`` their gt boxes, same unit.
+        pos_edge_logits: ``[P, 4, reg_max + 1]`` edge distributions of the positives.
+        pos_edge_target: ``[P, 4]`` gt edge distances in strides, clamped to ``[0, reg_max - 0.1]``.
+        pos_weight: ``[P]`` per-positive weights.
+        weights: ``{"qfl", "giou", "dfl"}`` loss weights.
+
+    Returns:
+        ``{"loss_qfl", "loss_giou", "loss_dfl"}``, each already weighted.
+    """
+    num_pos = pos_mask.sum().float().clamp(min=1.0)
+    qfl = quality_focal_loss(cls_logits.flatten(0, 1), labels.flatten(), quality.flatten()).sum() / num_pos
+    w = pos_weight.float()
+    avg = w.sum().clamp(min=1.0)
+    giou = (giou_loss(pos_box_pred, pos_box_target) * w).sum() / avg
+    reg_bins = pos_edge_logits.shape[-1]
+    dfl = distribution_focal_loss(pos_edge_logits.reshape(-1, reg_bins), pos_edge_target.reshape(-1))
+    dfl = (dfl.reshape(-1, 4) * w[:, None]).sum() / 4.0 / avg
+    return {
+        "loss_qfl": weights["qfl"] * qfl,
+        "loss_giou": weights["giou"] * giou,
+        "loss_dfl": weights["dfl"] * dfl,
+    }
+
+
+def integral(edge_logits: Tensor) -> Tensor:
+    """Expected distance of each edge distribution (GFL's ``Integral``): ``[..., reg_max + 1]`` to ``[...]``."""
+    bins = torch.arange(edge_logits.shape[-1], device=edge_logits.device, dtype=torch.float32)
+    return (edge_logits.float().softmax(-1) * bins).sum(-1)
+
+
+__all__ = [
+    "GFL_WEIGHTS",
+    "distribution_focal_loss",
+    "gfl_loss",
+    "giou_loss",
+    "integral",
+    "quality_focal_loss",
+]
