@@ -129,11 +129,142 @@ def integral(edge_logits: Tensor) -> Tensor:
     return (edge_logits.float().softmax(-1) * bins).sum(-1)
 
 
+# ---------------------------------------------------------------- distillation
+
+
+def ld_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 10.0) -> Tensor:
+    """Per-distribution KD term of LD: ``T^2 * mean_bins KL(softmax(t / T) || softmax(s / T))``.
+
+    mmdet ``knowledge_distillation_kl_div_loss`` (``kd_loss.py``): element-wise ``kl_div`` *averaged* over the
+    ``reg_max + 1`` bins, times ``T^2``; the teacher is detached.
+
+    Args:
+        student_logits: ``[n, reg_max + 1]``.
+        teacher_logits: ``[n, reg_max + 1]``.
+        temperature: ``T`` (LD: 10).
+
+    Returns:
+        ``[n]``.
+    """
+    t = temperature
+    target = F.softmax(teacher_logits.detach().float() / t, dim=-1)
+    kl = F.kl_div(F.log_softmax(student_logits.float() / t, dim=-1), target, reduction="none")
+    return kl.mean(dim=-1) * (t * t)
+
+
+def ld_loss(
+    student_edges: Tensor,
+    teacher_edges: Tensor,
+    pos_weight: Tensor,
+    temperature: float = 10.0,
+    loss_weight: float = 0.25,
+) -> Tensor:
+    """Localisation distillation on the positives' edge distributions (Zheng et al., CVPR 2022).
+
+    As mmdet ``LDHead.loss_by_feat_single``: each of the 4 edges of a positive is weighted by the positive's weight
+    (the student's max class score, detached, as GIoU/DFL), summed and divided by 4 (``avg_factor=4.0``); unlike GIoU
+    and DFL it is *not* divided by the sum of the weights. ``loss_weight`` 0.25, ``T`` 10 (mmdet LD configs).
+
+    Args:
+        student_edges: ``[P, 4, reg_max + 1]`` student logits of the positives.
+        teacher_edges: ``[P, 4, reg_max + 1]`` teacher logits at the same points.
+        pos_weight: ``[P]``.
+        temperature: ``T``.
+        loss_weight: weight of the term.
+
+    Returns:
+        Scalar.
+    """
+    bins = student_edges.shape[-1]
+    kl = ld_kl(student_edges.reshape(-1, bins), teacher_edges.reshape(-1, bins), temperature).reshape(-1, 4)
+    return loss_weight * (kl * pos_weight.float()[:, None]).sum() / 4.0
+
+
+def ld_vlr_loss(
+    student_edges: Tensor,
+    teacher_edges: Tensor,
+    region: Tensor,
+    temperature: float = 10.0,
+    loss_weight: float = 0.25 * 0.25,
+) -> Tensor:
+    """LD on the valuable localisation region (HikariTJU/LD ``LDHead``: ``loss_ld_neg = 0.25 * loss_ld(...)``).
+
+    Every point with ``region > 0`` (see :func:`kdforge.tasks.ops.assign.vlr_region`) contributes its 4 edges'
+    :func:`ld_kl`, weighted by its region value (an anchor IoU), summed and divided by 4. The default weight is LD's
+    ``0.25`` factor times the LD loss weight ``0.25``.
+
+    Args:
+        student_edges: ``[B, N, 4, reg_max + 1]``.
+        teacher_edges: ``[B, N, 4, reg_max + 1]``.
+        region: ``[B, N]`` region weights, 0 outside.
+        temperature: ``T``.
+        loss_weight: overall weight.
+
+    Returns:
+        Scalar.
+    """
+    keep = region > 0
+    s, t, w = student_edges[keep], teacher_edges[keep], region[keep].float()
+    bins = student_edges.shape[-1]
+    kl = ld_kl(s.reshape(-1, bins), t.reshape(-1, bins), temperature).reshape(-1, 4)
+    return loss_weight * (kl * w[:, None]).sum() / 4.0
+
+
+def _channel_standardise(feat: Tensor) -> Tensor:
+    """Zero mean, unit (unbiased) std per channel over batch and space, ``+1e-6`` on the std (mmrazor ``PKDLoss``)."""
+    n, c, h, w = feat.shape
+    flat = feat.float().transpose(0, 1).reshape(c, -1)
+    flat = (flat - flat.mean(dim=-1, keepdim=True)) / (flat.std(dim=-1, keepdim=True) + 1e-6)
+    return flat.reshape(c, n, h, w).transpose(0, 1)
+
+
+def pkd_loss(
+    student_feats: list[Tensor], teacher_feats: list[Tensor], loss_weight: float = 1.0, resize_student: bool = True
+) -> Tensor:
+    """PKD: Pearson-correlation feature imitation (Cao et al., NeurIPS 2022), as mmrazor ``losses/pkd_loss.py``.
+
+    Per level both maps are standardised per channel (over batch and positions), and the loss is
+    ``MSE(norm(s), norm(t)) / 2`` — equal to ``(n - 1) / n * mean_c (1 - r_c)``, with ``r_c`` the Pearson correlation
+    of channel ``c``. Levels are summed. A level of another spatial size is resized bilinearly (the student to the
+    teacher's size by default). Channel counts must match (PKD's detectors share a 256-wide FPN; with narrower
+    students a method adds a 1×1 adapter first).
+
+    Args:
+        student_feats: per level ``[B, C, H, W]``.
+        teacher_feats: per level ``[B, C, H', W']`` (detached here).
+        loss_weight: overall weight (mmrazor default 1; its PKD detection configs use 6).
+        resize_student: resize the student map (else the teacher's) when sizes differ.
+
+    Returns:
+        Scalar.
+    """
+    if len(student_feats) != len(teacher_feats):
+        raise ValueError(
+            f"PKD needs as many student as teacher levels, got {len(student_feats)} and {len(teacher_feats)}"
+        )
+    loss = student_feats[0].new_zeros((), dtype=torch.float32)
+    for s, t in zip(student_feats, teacher_feats, strict=True):
+        t = t.detach()
+        if s.shape[1] != t.shape[1]:
+            raise ValueError(f"PKD compares equal channel counts, got {s.shape[1]} and {t.shape[1]}: adapt the student")
+        if s.shape[2:] != t.shape[2:]:
+            if resize_student:
+                s = F.interpolate(s, size=t.shape[2:], mode="bilinear")
+            else:
+                t = F.interpolate(t, size=s.shape[2:], mode="bilinear")
+        loss = loss + F.mse_loss(_channel_standardise(s), _channel_standardise(t)) / 2
+    return loss * loss_weight
+
+
 __all__ = [
     "GFL_WEIGHTS",
     "distribution_focal_loss",
     "gfl_loss",
     "giou_loss",
     "integral",
+    "ld_kl",
+    "ld_loss",
+    "ld_vlr_loss",
+    "pkd_loss",
     "quality_focal_loss",
 ]

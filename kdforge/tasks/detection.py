@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from kdforge.losses.detection import GFL_WEIGHTS, gfl_loss, integral
 from kdforge.models.dense.detection import DETECTION_MODELS
 from kdforge.tasks.base import Evaluator, Reducer
-from kdforge.tasks.ops.assign import atss_assign, grid_points
+from kdforge.tasks.ops.assign import atss_assign, grid_points, vlr_region
 from kdforge.tasks.ops.boxes import batched_nms, box_area, elementwise_iou
 from kdforge.tasks.ops.coco_eval import ImageRecord, coco_box_metrics
 
@@ -231,6 +231,20 @@ class DetectionTask:
             iou = elementwise_iou(flat.decode().detach(), box_t)
         quality = torch.where(pos, iou, torch.zeros_like(iou))
         return Assignment(labels=lab, box_targets=box_t, quality=quality, pos_mask=pos, gt_index=gt_index)
+
+    def valuable_region(
+        self, outputs: Outputs | FlatOutputs, targets: Mapping[str, Tensor], alpha: float = 0.25
+    ) -> Tensor:
+        """LD's valuable localisation region ``[B, N]`` (anchor IoU inside, 0 outside) with this task's ATSS settings;
+        crowd and padding gts take no part. See :func:`kdforge.tasks.ops.assign.vlr_region`."""
+        flat = outputs if isinstance(outputs, FlatOutputs) else self.flatten(outputs)
+        valid = targets["labels"] >= 0
+        if "iscrowd" in targets:
+            valid = valid & ~targets["iscrowd"].bool()
+        return vlr_region(
+            flat.points, flat.strides, flat.num_per_level, targets["boxes"], valid, self.atss_topk, self.anchor_scale,
+            alpha,
+        )  # fmt: skip
 
     def loss(self, outputs: Outputs, targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """GFL loss (QFL + GIoU + DFL, weights and normalisation of mmdet's ``GFLHead``): named weighted parts."""

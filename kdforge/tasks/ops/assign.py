@@ -90,7 +90,8 @@ def atss_assign(
         start += count
     cand = torch.cat(cand_list, dim=1)  # [B, K, M]
     cand_iou = torch.gather(ious, 1, cand)
-    thr = cand_iou.mean(dim=1, keepdim=True) + cand_iou.std(dim=1, keepdim=True)
+    # one candidate (a single-point model) has no spread: std 0 instead of NaN
+    thr = cand_iou.mean(dim=1, keepdim=True) + torch.nan_to_num(cand_iou.std(dim=1, keepdim=True), nan=0.0)
     cand_pts = points[cand]  # [B, K, M, 2]
     lt = cand_pts - gt[:, None, :, :2]
     rb = gt[:, None, :, 2:] - cand_pts
@@ -99,8 +100,7 @@ def atss_assign(
 
     neg_inf = torch.full((), -float("inf"), device=device)
     score = torch.full_like(ious, -float("inf"))
-    # duplicates in ``cand`` (a level with < topk points cannot produce them; levels are disjoint) are impossible,
-    # so one scatter writes every positive candidate's IoU
+    # a gt's candidates are distinct points (top-k within a level, levels disjoint): one scatter writes them all
     score.scatter_(1, cand, torch.where(is_pos, cand_iou, neg_inf))
     best, gt_index = score.max(dim=2)
     assigned = best > -float("inf")
@@ -108,4 +108,64 @@ def atss_assign(
     return gt_index, torch.where(assigned, best, torch.zeros_like(best))
 
 
-__all__ = ["atss_assign", "grid_points"]
+def _diou(a: Tensor, b: Tensor) -> Tensor:
+    """Pairwise distance-IoU (Zheng et al., AAAI 2020): ``IoU - |c_a - c_b|^2 / diag^2`` of the enclosing box.
+
+    Args: ``a`` ``[B, N, 4]``, ``b`` ``[B, M, 4]`` xyxy. Returns ``[B, N, M]``.
+    """
+    iou = box_iou(a, b)
+    ca = (a[..., :2] + a[..., 2:]) / 2
+    cb = (b[..., :2] + b[..., 2:]) / 2
+    rho2 = ((ca[:, :, None] - cb[:, None]) ** 2).sum(-1)
+    lt = torch.minimum(a[:, :, None, :2], b[:, None, :, :2])
+    rb = torch.maximum(a[:, :, None, 2:], b[:, None, :, 2:])
+    diag2 = ((rb - lt) ** 2).sum(-1).clamp(min=1e-9)
+    return iou - rho2 / diag2
+
+
+def vlr_region(
+    points: Tensor,
+    point_strides: Tensor,
+    num_per_level: list[int],
+    gt_boxes: Tensor,
+    gt_valid: Tensor,
+    topk: int = 9,
+    anchor_scale: float = 8.0,
+    alpha: float = 0.25,
+) -> Tensor:
+    """LD's valuable localisation region (Zheng et al., "Localization Distillation for Dense Object Detection",
+    CVPR 2022), following ``get_vlr_region`` of HikariTJU/LD's ATSS assigner.
+
+    With the ATSS threshold ``t_g = mean + std`` of the gt's top-k candidates' anchor IoUs, a point belongs to the
+    region of gt ``g`` when its anchor's DIoU with ``g`` lies in ``[alpha * t_g, t_g)`` (any point of the image, no
+    centre-inside condition). Its value is the highest anchor IoU among the gts whose region holds it.
+
+    Args:
+        points, point_strides, num_per_level, gt_boxes, gt_valid, topk, anchor_scale: as :func:`atss_assign`.
+        alpha: lower bound of the region relative to the threshold (LD: 0.25).
+
+    Returns:
+        ``[B, N]``: the anchor IoU inside the region, 0 outside.
+    """
+    b, m = gt_valid.shape
+    n = points.shape[0]
+    if m == 0:
+        return torch.zeros(b, n, device=points.device)
+    half = point_strides[:, None] * (anchor_scale / 2)
+    anchors = torch.cat((points - half, points + half), dim=-1).expand(b, n, 4)
+    gt = gt_boxes.float()
+    ious = box_iou(anchors, gt)
+    dist = torch.cdist(points.expand(b, n, 2), (gt[..., :2] + gt[..., 2:]) / 2)
+    cand, start = [], 0
+    for count in num_per_level:
+        cand.append(torch.topk(dist[:, start : start + count], min(topk, count), dim=1, largest=False).indices + start)
+        start += count
+    cand_iou = torch.gather(ious, 1, torch.cat(cand, dim=1))
+    thr = cand_iou.mean(dim=1, keepdim=True) + torch.nan_to_num(cand_iou.std(dim=1, keepdim=True), nan=0.0)
+    diou = _diou(anchors, gt)
+    inside = (diou < thr) & (diou >= alpha * thr) & gt_valid[:, None, :]
+    best = torch.where(inside, ious, torch.full_like(ious, -1.0)).amax(dim=2)
+    return best.clamp(min=0.0)
+
+
+__all__ = ["atss_assign", "grid_points", "vlr_region"]
