@@ -136,3 +136,108 @@ def test_pkd_resizes_and_checks_channels() -> None:
     assert torch.isfinite(loss) and s.grad is not None
     with pytest.raises(ValueError, match="equal channel counts"):
         pkd_loss([torch.randn(1, 2, 4, 4)], [torch.randn(1, 3, 4, 4)])
+
+
+# ---------------------------------------------------------------- FGD
+
+
+def _ref_masks(gt_boxes, image_size, h, w):
+    """mmrazor FGDLoss.forward's mask loop: python slicing per box, max of 1 / (rows * cols)."""
+    n = len(gt_boxes)
+    fg = torch.zeros(n, h, w)
+    bg = torch.ones(n, h, w)
+    for i in range(n):
+        b = gt_boxes[i]
+        wmin = torch.floor(b[:, 0] / image_size[1] * w).int()
+        wmax = torch.ceil(b[:, 2] / image_size[1] * w).int()
+        hmin = torch.floor(b[:, 1] / image_size[0] * h).int()
+        hmax = torch.ceil(b[:, 3] / image_size[0] * h).int()
+        area = 1.0 / (hmax + 1 - hmin) / (wmax + 1 - wmin)
+        for j in range(len(b)):
+            sl = fg[i][hmin[j] : hmax[j] + 1, wmin[j] : wmax[j] + 1]
+            fg[i][hmin[j] : hmax[j] + 1, wmin[j] : wmax[j] + 1] = torch.maximum(sl, area[j])
+        bg[i] = torch.where(fg[i] > 0, 0.0, 1.0)
+        if bg[i].sum():
+            bg[i] /= bg[i].sum()
+    return fg, bg
+
+
+def test_fgd_masks_match_reference_loop_and_hand_case() -> None:
+    from kdforge.losses.detection import fgd_masks
+
+    boxes = [torch.tensor([[0.0, 0.0, 16.0, 16.0], [40.0, 8.0, 64.0, 30.0]]), torch.tensor([[10.0, 50.0, 63.0, 64.0]])]
+    padded = torch.zeros(2, 2, 4)
+    padded[0], padded[1, :1] = boxes[0], boxes[1]
+    valid = torch.tensor([[True, True], [True, False]])
+    fg, bg = fgd_masks(padded, valid, (64, 64), (8, 8))
+    rfg, rbg = _ref_masks(boxes, (64, 64), 8, 8)
+    torch.testing.assert_close(fg, rfg)
+    torch.testing.assert_close(bg, rbg)
+    # by hand: box (0, 0, 16, 16) on an 8x8 map of a 64x64 image covers rows/cols 0..2 -> 9 cells of 1/9
+    assert fg[0, :3, :3].eq(1 / 9).all() and fg[0, 3, 0] == 0
+    e_fg, e_bg = fgd_masks(torch.zeros(1, 0, 4), torch.zeros(1, 0, dtype=torch.bool), (64, 64), (4, 4))
+    assert (e_fg == 0).all() and e_bg.sum().item() == pytest.approx(1.0)
+
+
+def _ref_fgd(mod, s, t, fg, bg):
+    """mmrazor FGDLoss.get_fea_loss / get_mask_loss / get_rela_loss written out with its sqrt-weighted products."""
+    mse = torch.nn.MSELoss(reduction="sum")
+    n, c, h, w = t.shape
+
+    def att(x):
+        v = x.abs()
+        sp = (h * w * torch.softmax((v.mean(1, keepdim=True) / 0.5).view(n, -1), dim=1)).view(n, h, w)
+        ch = c * torch.softmax(v.mean(2).mean(2) / 0.5, dim=1)
+        return sp, ch
+
+    sp_t, ch_t = att(t)
+    sp_s, ch_s = att(s)
+    ft = t * torch.sqrt(sp_t[:, None]) * torch.sqrt(ch_t[:, :, None, None])
+    fs = s * torch.sqrt(sp_t[:, None]) * torch.sqrt(ch_t[:, :, None, None])
+    l_fg = mse(fs * torch.sqrt(fg[:, None]), ft * torch.sqrt(fg[:, None])) / n
+    l_bg = mse(fs * torch.sqrt(bg[:, None]), ft * torch.sqrt(bg[:, None])) / n
+    l_mask = torch.sum(torch.abs(ch_s - ch_t)) / n + torch.sum(torch.abs(sp_s - sp_t)) / n
+
+    def pool(x, conv):
+        m = torch.softmax(conv(x).view(n, 1, h * w), dim=2).unsqueeze(-1)
+        return torch.matmul(x.view(n, c, h * w).unsqueeze(1), m).view(n, c, 1, 1)
+
+    out_s = s + mod.channel_add_conv_s(pool(s, mod.conv_mask_s))
+    out_t = t + mod.channel_add_conv_t(pool(t, mod.conv_mask_t))
+    l_rela = mse(out_s, out_t) / n
+    return 0.001 * l_fg + 0.0005 * l_bg + 0.001 * l_mask + 0.000005 * l_rela
+
+
+def test_fgd_loss_matches_reference_structure() -> None:
+    from kdforge.losses.detection import FGDLoss
+
+    torch.manual_seed(0)
+    mod = FGDLoss(8)
+    for seq in (mod.channel_add_conv_s, mod.channel_add_conv_t):  # non-zero last convs so L_rela sees the context
+        torch.nn.init.normal_(seq[-1].weight)
+    s, t = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
+    boxes = torch.tensor([[[0.0, 0.0, 20.0, 30.0]], [[30.0, 10.0, 47.0, 47.0]]])
+    valid = torch.ones(2, 1, dtype=torch.bool)
+    got = mod(s, t, boxes, valid, (48, 48))
+    fg, bg = _ref_masks([boxes[0], boxes[1]], (48, 48), 6, 6)
+    expected = _ref_fgd(mod, s, t, fg, bg)
+    assert sum(got.values()).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert all(v.item() > 0 for v in got.values())
+
+
+def test_fgd_aligns_student_channels_and_trains_its_modules() -> None:
+    from kdforge.losses.detection import FGDLoss
+
+    mod = FGDLoss(16, student_channels=8)
+    s = torch.randn(2, 8, 4, 4, requires_grad=True)
+    out = mod(
+        s,
+        torch.randn(2, 16, 4, 4),
+        torch.tensor([[[0.0, 0.0, 8.0, 8.0]]] * 2),
+        torch.ones(2, 1, dtype=torch.bool),
+        (16, 16),
+    )
+    sum(out.values()).backward()
+    assert s.grad is not None and mod.align is not None and mod.align.weight.grad is not None
+    assert mod.conv_mask_t.weight.grad is None or torch.isfinite(mod.conv_mask_t.weight.grad).all()
+    assert mod.channel_add_conv_t[-1].weight.grad is not None  # the teacher-side context is trained too

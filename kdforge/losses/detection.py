@@ -9,7 +9,7 @@ against ``mmdet/models/dense_heads/gfl_head.py`` (see :func:`gfl_loss`). All los
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from kdforge.tasks.ops.boxes import elementwise_giou
@@ -256,9 +256,144 @@ def pkd_loss(
     return loss * loss_weight
 
 
+def fgd_masks(
+    gt_boxes: Tensor, gt_valid: Tensor, image_size: tuple[int, int], feat_size: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """FGD's foreground and background masks on one feature level (mmrazor ``FGDLoss.forward``).
+
+    A gt box scaled to the map covers rows ``floor(y1')..ceil(y2')`` and columns ``floor(x1')..ceil(x2')`` (inclusive,
+    cut at the map border) with the value ``1 / (rows * columns)`` of its *uncut* extent, so small objects weigh as
+    much as large ones; overlapping boxes keep the larger value. The background mask is 1 where no box is, divided
+    by its sum (when positive). Boxes are assumed to lie in the image (non-negative coordinates).
+
+    Args:
+        gt_boxes: ``[B, M, 4]`` xyxy image pixels.
+        gt_valid: bool ``[B, M]``.
+        image_size: ``(H_img, W_img)``.
+        feat_size: ``(H, W)`` of the feature map.
+
+    Returns:
+        ``(mask_fg, mask_bg)``, each ``[B, H, W]``.
+    """
+    h, w = feat_size
+    boxes = gt_boxes.float()
+    x1 = torch.floor(boxes[..., 0] / image_size[1] * w)
+    x2 = torch.ceil(boxes[..., 2] / image_size[1] * w)
+    y1 = torch.floor(boxes[..., 1] / image_size[0] * h)
+    y2 = torch.ceil(boxes[..., 3] / image_size[0] * h)
+    value = 1.0 / ((y2 + 1 - y1) * (x2 + 1 - x1))  # [B, M]
+    rows = torch.arange(h, device=boxes.device, dtype=torch.float32)
+    cols = torch.arange(w, device=boxes.device, dtype=torch.float32)
+    in_r = (rows[None, None, :] >= y1[..., None]) & (rows[None, None, :] <= y2[..., None])  # [B, M, H]
+    in_c = (cols[None, None, :] >= x1[..., None]) & (cols[None, None, :] <= x2[..., None])  # [B, M, W]
+    inside = in_r[..., :, None] & in_c[..., None, :] & gt_valid[..., None, None]  # [B, M, H, W]
+    covered = torch.where(inside, value[..., None, None], torch.zeros((), device=boxes.device))
+    # an extra all-zero "box" keeps the max defined when there are no gt rows at all
+    fg = torch.cat((covered, covered.new_zeros(covered.shape[0], 1, h, w)), dim=1).amax(dim=1)
+    bg = (fg <= 0).float()
+    total = bg.sum(dim=(1, 2), keepdim=True)
+    bg = torch.where(total > 0, bg / total.clamp(min=1.0), bg)
+    return fg, bg
+
+
+class FGDLoss(nn.Module):
+    """Focal and global distillation (Yang et al., CVPR 2022) of one feature level, as mmrazor
+    ``losses/fgd_loss.py`` (and yzd-v/FGD ``mmdet/distillation/losses/fgd.py`` for the student alignment conv).
+
+    ``alpha * L_fg + beta * L_bg + gamma * L_mask + lambda * L_rela`` where, with the teacher's spatial attention
+    ``A_s = HW softmax(mean_c|T| / temp)`` and channel attention ``A_c = C softmax(mean_hw|T| / temp)``:
+
+    - ``L_fg`` / ``L_bg``: ``sum((S - T)^2 * A_s * A_c * mask) / B`` with the foreground / background mask of
+      :func:`fgd_masks`;
+    - ``L_mask``: ``sum|A_c(S) - A_c(T)| / B + sum|A_s(S) - A_s(T)| / B`` (attention of student vs teacher);
+    - ``L_rela``: ``sum((S + G_s(S) - T - G_t(T))^2) / B``, ``G`` a GcBlock context (1×1 attention conv, softmax
+      pooling, 1×1 → LayerNorm → ReLU → 1×1 with the last conv zero-initialised); the modules are trained with the
+      student.
+
+    Args:
+        channels: teacher channels ``C``.
+        student_channels: student channels; a 1×1 ``align`` conv maps them to ``C`` when they differ (yzd-v/FGD).
+        temp: attention temperature (0.5).
+        alpha, beta, gamma, lam: term weights (mmrazor defaults 0.001, 0.0005, 0.001, 0.000005).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        student_channels: int | None = None,
+        temp: float = 0.5,
+        alpha: float = 0.001,
+        beta: float = 0.0005,
+        gamma: float = 0.001,
+        lam: float = 0.000005,
+    ) -> None:
+        super().__init__()
+        self.temp, self.alpha, self.beta, self.gamma, self.lam = temp, alpha, beta, gamma, lam
+        sc = channels if student_channels is None else student_channels
+        self.align = nn.Conv2d(sc, channels, 1) if sc != channels else None
+        self.conv_mask_s = nn.Conv2d(channels, 1, 1)
+        self.conv_mask_t = nn.Conv2d(channels, 1, 1)
+        half = channels // 2
+        self.channel_add_conv_s = nn.Sequential(
+            nn.Conv2d(channels, half, 1), nn.LayerNorm([half, 1, 1]), nn.ReLU(), nn.Conv2d(half, channels, 1)
+        )
+        self.channel_add_conv_t = nn.Sequential(
+            nn.Conv2d(channels, half, 1), nn.LayerNorm([half, 1, 1]), nn.ReLU(), nn.Conv2d(half, channels, 1)
+        )
+        for conv in (self.conv_mask_s, self.conv_mask_t):  # mmengine kaiming_init(mode="fan_in"), bias 0
+            nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+        for seq in (self.channel_add_conv_s, self.channel_add_conv_t):
+            nn.init.zeros_(seq[-1].weight)
+            nn.init.zeros_(seq[-1].bias)
+
+    def attention(self, feat: Tensor) -> tuple[Tensor, Tensor]:
+        """Spatial ``[B, H, W]`` and channel ``[B, C]`` attention of a map ``[B, C, H, W]``."""
+        b, c, h, w = feat.shape
+        value = feat.abs()
+        spatial = h * w * F.softmax((value.mean(dim=1) / self.temp).reshape(b, -1), dim=1)
+        channel = c * F.softmax(value.mean(dim=(2, 3)) / self.temp, dim=1)
+        return spatial.reshape(b, h, w), channel
+
+    def _context(self, feat: Tensor, student: bool) -> Tensor:
+        b, c, h, w = feat.shape
+        logits = (self.conv_mask_s if student else self.conv_mask_t)(feat).reshape(b, 1, h * w)
+        weights = F.softmax(logits, dim=2)  # [B, 1, HW]
+        context = torch.bmm(feat.reshape(b, c, h * w), weights.transpose(1, 2))  # [B, C, 1]
+        return (self.channel_add_conv_s if student else self.channel_add_conv_t)(context.reshape(b, c, 1, 1))
+
+    def forward(
+        self, student: Tensor, teacher: Tensor, gt_boxes: Tensor, gt_valid: Tensor, image_size: tuple[int, int]
+    ) -> dict[str, Tensor]:
+        """Args: ``student`` ``[B, C_s, H, W]``, ``teacher`` ``[B, C, H, W]`` (detached here), padded gts and the
+        image size. Returns the weighted terms ``{"fgd_fg", "fgd_bg", "fgd_mask", "fgd_rela"}``."""
+        s = student.float() if self.align is None else self.align(student.float())
+        t = teacher.detach().float()
+        if s.shape != t.shape:
+            raise ValueError(f"FGD compares maps of one shape, got {tuple(s.shape)} and {tuple(t.shape)}")
+        b = s.shape[0]
+        sp_t, ch_t = self.attention(t)
+        sp_s, ch_s = self.attention(s)
+        fg, bg = fgd_masks(gt_boxes, gt_valid, image_size, (s.shape[2], s.shape[3]))
+        weight = sp_t[:, None] * ch_t[:, :, None, None]  # sqrt(A)^2 in the reference's product of squares
+        sq = (s - t) ** 2 * weight
+        loss_fg = (sq * fg[:, None]).sum() / b
+        loss_bg = (sq * bg[:, None]).sum() / b
+        loss_mask = (ch_s - ch_t).abs().sum() / b + (sp_s - sp_t).abs().sum() / b
+        loss_rela = ((s + self._context(s, True) - t - self._context(t, False)) ** 2).sum() / b
+        return {
+            "fgd_fg": self.alpha * loss_fg,
+            "fgd_bg": self.beta * loss_bg,
+            "fgd_mask": self.gamma * loss_mask,
+            "fgd_rela": self.lam * loss_rela,
+        }
+
+
 __all__ = [
     "GFL_WEIGHTS",
+    "FGDLoss",
     "distribution_focal_loss",
+    "fgd_masks",
     "gfl_loss",
     "giou_loss",
     "integral",
