@@ -219,6 +219,10 @@ def test_loss_reaches_every_parameter_and_handles_empty_images() -> None:
     empty = task.loss(model(images), none)
     assert empty["loss_giou"].item() == 0.0 and empty["loss_dfl"].item() == 0.0
     assert torch.isfinite(empty["loss_qfl"])
+    no_rows = task.loss(model(images), {"boxes": torch.zeros(2, 0, 4), "labels": torch.zeros(2, 0, dtype=torch.long)})
+    assert no_rows["loss_qfl"].item() == pytest.approx(empty["loss_qfl"].item())
+    with pytest.raises(ValueError, match="strides"):
+        DetectionTask(num_classes=10, strides=(8, 16)).loss(model(images), none)
 
 
 def test_predict_decodes_thresholds_and_suppresses() -> None:
@@ -338,3 +342,17 @@ def test_profile_counts_macs(arch: str, macs: int, params: int) -> None:
     model = DetectionTask(num_classes=10).build_model(arch)
     assert sum(p.numel() for p in model.parameters()) == params
     assert count_macs(model, (1, 3, 96, 96)) == macs
+
+
+def test_predict_feeds_the_evaluator() -> None:
+    task = DetectionTask(num_classes=10, score_threshold=0.0, max_per_image=20)
+    model = task.build_model("gfl_resnet8").eval()
+    images, targets = _synthetic_batch(2, size=64)
+    ev = task.evaluator()
+    with torch.no_grad():
+        dets = task.predict(model(images), image_size=(64, 64))
+    assert all(len(d.boxes) == 20 for d in dets)  # no threshold: the 20-per-image cap binds
+    assert all(torch.all(d.scores[:-1] >= d.scores[1:]) for d in dets)
+    ev.update(dets, {**targets, "image_ids": torch.tensor([0, 1])})
+    metrics = ev.compute()
+    assert ev.primary in metrics and 0.0 <= metrics["AP"] <= 1.0 and len(metrics) == 12

@@ -200,6 +200,11 @@ class DetectionTask:
     def flatten(self, outputs: Outputs) -> FlatOutputs:
         """Per-level ``(cls_scores, bbox_preds)`` to :class:`FlatOutputs` with the point grid of those sizes."""
         cls_scores, bbox_preds = outputs
+        if len(cls_scores) != len(self.strides) or len(bbox_preds) != len(self.strides):
+            raise ValueError(
+                f"the task has {len(self.strides)} strides {self.strides} but the model gave {len(cls_scores)} "
+                f"classification and {len(bbox_preds)} regression levels; build the task with the model's strides"
+            )
         b = cls_scores[0].shape[0]
         cls = torch.cat([c.flatten(2).transpose(1, 2) for c in cls_scores], dim=1)
         edges = torch.cat([r.flatten(2).transpose(1, 2) for r in bbox_preds], dim=1)
@@ -217,6 +222,10 @@ class DetectionTask:
         flat = outputs if isinstance(outputs, FlatOutputs) else self.flatten(outputs)
         boxes = targets["boxes"].float()
         labels = targets["labels"]
+        if labels.shape[1] == 0:  # a batch without any gt row: one padding row keeps the gathers below defined
+            boxes = boxes.new_zeros(boxes.shape[0], 1, 4)
+            labels = labels.new_full((labels.shape[0], 1), -1)
+            targets = {"boxes": boxes, "labels": labels}
         valid = labels >= 0
         if "iscrowd" in targets:
             valid = valid & ~targets["iscrowd"].bool()
