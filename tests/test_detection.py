@@ -208,7 +208,7 @@ def _synthetic_batch(n: int = 4, seed: int = 0, size: int = 96) -> tuple[torch.T
 def test_loss_reaches_every_parameter_and_handles_empty_images() -> None:
     task = DetectionTask(num_classes=10)
     model = task.build_model("gfl_resnet8")
-    images, targets = _synthetic_batch(2)
+    images, targets = _synthetic_batch(2, size=64)
     targets["labels"][1] = -1  # a background image
     losses = task.loss(model(images), targets)
     assert set(losses) == {"loss_qfl", "loss_giou", "loss_dfl"}
@@ -308,9 +308,9 @@ def test_teacher_sized_training_without_nan() -> None:
 
 def test_torchscript_trace_equals_eager() -> None:
     model = DetectionTask(num_classes=10).build_model("gfl_resnet8").eval()
-    x = torch.randn(1, 3, 64, 64)
-    traced = torch.jit.trace(model, x)
-    y = torch.randn(2, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
+    traced = torch.jit.trace(model, x, check_trace=False)  # compared below on another batch instead
+    y = torch.randn(2, 3, 32, 32)
     eager, scripted = model(y), traced(y)
     for a, b in zip(eager[0] + eager[1], scripted[0] + scripted[1], strict=True):
         torch.testing.assert_close(a, b)
