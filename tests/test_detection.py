@@ -64,6 +64,9 @@ def test_atss_hand_built_four_points() -> None:
     assert pos == expected
     assert (idx[0, pos] == 0).all()  # padding never assigned
     assert iou[0, pos] == pytest.approx(torch.full((4,), 196 / 316))
+    # topk = 2 among 4 equidistant points: the first two in point order, on any device
+    idx, _ = atss_assign(points, strides, counts, gt, valid, topk=2, anchor_scale=4.0)
+    assert torch.nonzero(idx[0] >= 0).flatten().tolist() == [27, 28]
 
 
 def test_atss_padding_only_and_empty() -> None:

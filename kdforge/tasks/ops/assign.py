@@ -6,7 +6,8 @@ per level the ``topk`` priors whose centres are closest to the gt centre are can
 when its anchor-box IoU with the gt is ``>= mean + std`` of the candidates' IoUs (``torch.std``: unbiased) and its
 centre lies inside the gt (every side distance ``> 0.01``); a prior positive for several gts goes to the one with the
 highest IoU (ties: the first gt). The anchor box of a prior is the square of side ``anchor_scale × stride``
-centred on it (mmdet's ATSS/GFL: ``octave_base_scale = 8``).
+centred on it (mmdet's ATSS/GFL: ``octave_base_scale = 8``). Equidistant candidates are taken in point order (a
+stable sort), where mmdet's ``topk`` leaves the choice to the kernel.
 
 Difference from mmdet: prior centres are at ``(i + 0.5) × stride`` (cell centres, mmdet's ``MlvlPointGenerator``
 offset 0.5) rather than the anchor generator's ``i × stride``, so a level's points are symmetric on the image.
@@ -85,7 +86,9 @@ def atss_assign(
     start = 0
     for count in num_per_level:
         k = min(topk, count)
-        idx = torch.topk(dist[:, start : start + count], k, dim=1, largest=False).indices
+        # a stable sort instead of topk: equidistant points (a gt centred between grid points) are taken by index
+        # on every device, so the assignment does not depend on the topk kernel
+        idx = torch.sort(dist[:, start : start + count], dim=1, stable=True).indices[:, :k]
         cand_list.append(idx + start)
         start += count
     cand = torch.cat(cand_list, dim=1)  # [B, K, M]
@@ -158,7 +161,8 @@ def vlr_region(
     dist = torch.cdist(points.expand(b, n, 2), (gt[..., :2] + gt[..., 2:]) / 2)
     cand, start = [], 0
     for count in num_per_level:
-        cand.append(torch.topk(dist[:, start : start + count], min(topk, count), dim=1, largest=False).indices + start)
+        near = torch.sort(dist[:, start : start + count], dim=1, stable=True).indices[:, : min(topk, count)]
+        cand.append(near + start)
         start += count
     cand_iou = torch.gather(ious, 1, torch.cat(cand, dim=1))
     thr = cand_iou.mean(dim=1, keepdim=True) + torch.nan_to_num(cand_iou.std(dim=1, keepdim=True), nan=0.0)
