@@ -167,6 +167,10 @@ def test_splits_use_their_own_images_and_bad_input() -> None:
     imgs, labs = _source()
     tr, te = make_detection_splits(imgs[:30], labs[:30], imgs[30:], labs[30:], 3, 2, seed=0)
     assert tr.images.shape[0] == 3 and te.images.shape[0] == 2
+    black, white = np.zeros((4, 3, 32, 32), np.uint8), np.full((4, 3, 32, 32), 255, np.uint8)
+    tr, te = make_detection_splits(black, np.zeros(4), white, np.ones(4), 3, 3, seed=0)
+    assert (tr.images == 0).all() and (te.images == 255).all()  # each split only sees its own images
+    assert set(tr.labels[tr.labels >= 0].tolist()) == {0} and set(te.labels[te.labels >= 0].tolist()) == {1}
     with pytest.raises(DataError, match="uint8"):
         make_canvases(imgs.astype(np.float32), labs, 1, 0)
     with pytest.raises(DataError, match="min_objects"):
