@@ -359,3 +359,13 @@ def test_predict_feeds_the_evaluator() -> None:
     ev.update(dets, {**targets, "image_ids": torch.tensor([0, 1])})
     metrics = ev.compute()
     assert ev.primary in metrics and 0.0 <= metrics["AP"] <= 1.0 and len(metrics) == 12
+
+
+def test_cifar_classifier_weights_load_into_the_backbone() -> None:
+    from kdforge.models.cifar.resnet import CifarResNet
+
+    clf = CifarResNet(8, [16, 16, 32, 64], num_classes=100)
+    det = DetectionTask(num_classes=10).build_model("gfl_resnet8")
+    state = {k: v for k, v in clf.state_dict().items() if not k.startswith("fc.")}
+    det.backbone.load_state_dict(state, strict=True)
+    torch.testing.assert_close(det.backbone.layer3[0].conv1.weight, clf.layer3[0].conv1.weight)
