@@ -263,7 +263,7 @@ def rbox_intersection(a: Tensor, b: Tensor) -> Tensor:
     """
     dtype = torch.promote_types(a.dtype, b.dtype)
     work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    a, b = a.to(work), b.to(work)
+    a, b = torch.broadcast_tensors(a.to(work), b.to(work))
     # Both boxes are expressed around a's centre so the clipping works on small, well-conditioned numbers.
     origin = a[..., :2]
     a0 = torch.cat([torch.zeros_like(a[..., :2]), a[..., 2:]], dim=-1)
