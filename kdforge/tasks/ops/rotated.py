@@ -316,6 +316,36 @@ def rbox_iou_pairwise(a: Tensor, b: Tensor) -> Tensor:
     return torch.cat(parts, dim=-2)
 
 
+def rbox_overlap(a: Tensor, b: Tensor) -> Tensor:
+    """Whether the interiors of rotated boxes intersect (positive intersection area), broadcast elementwise.
+
+    Separating-axis test (Gottschalk, Lin & Manocha, "OBBTree", SIGGRAPH 1996, in 2-D): two rectangles are disjoint
+    iff their projections on one of the four side normals do not overlap. Much cheaper than the clipping of
+    :func:`rbox_intersection`; boxes of zero area never overlap. Touching boxes (projections meeting exactly) do
+    not overlap, up to floating-point rounding.
+
+    Args:
+        a: ``[..., 5]``.
+        b: ``[..., 5]``, broadcastable with ``a``.
+
+    Returns:
+        ``[...]`` bool.
+    """
+    d = b[..., :2] - a[..., :2]
+    ua = torch.stack([torch.cos(a[..., 4]), torch.sin(a[..., 4])], dim=-1)
+    ub = torch.stack([torch.cos(b[..., 4]), torch.sin(b[..., 4])], dim=-1)
+    va = torch.stack([-ua[..., 1], ua[..., 0]], dim=-1)
+    vb = torch.stack([-ub[..., 1], ub[..., 0]], dim=-1)
+    aw, ah = 0.5 * a[..., 2].abs(), 0.5 * a[..., 3].abs()
+    bw, bh = 0.5 * b[..., 2].abs(), 0.5 * b[..., 3].abs()
+    overlap = (rbox_area(a) > 0) & (rbox_area(b) > 0)
+    for axis in (ua, va, ub, vb):
+        ra = aw * (ua * axis).sum(-1).abs() + ah * (va * axis).sum(-1).abs()
+        rb = bw * (ub * axis).sum(-1).abs() + bh * (vb * axis).sum(-1).abs()
+        overlap = overlap & ((d * axis).sum(-1).abs() < ra + rb)
+    return overlap
+
+
 # ------------------------------------------------------------------------------------------------- NMS
 def rotated_nms(rboxes: Tensor, scores: Tensor, iou_threshold: float, labels: Tensor | None = None) -> Tensor:
     """Greedy non-maximum suppression of rotated boxes, class-aware when ``labels`` is given.
@@ -325,7 +355,7 @@ def rotated_nms(rboxes: Tensor, scores: Tensor, iou_threshold: float, labels: Te
     rule). The greedy result is computed without a per-box Python loop: it is the unique fixed point of
     ``keep[j] = not any(keep[i] and S[i, j] for i before j)`` (S = suppression relation), reached by iterating from
     "keep all"; after ``t`` iterations the first ``t`` boxes are final, and in practice a handful of iterations
-    suffice. Only pairs whose circumscribed circles meet (and whose labels agree) get an IoU computed.
+    suffice. Only pairs that overlap (:func:`rbox_overlap`) and whose labels agree get an IoU computed.
 
     Args:
         rboxes: ``[N, 5]``.
@@ -342,11 +372,11 @@ def rotated_nms(rboxes: Tensor, scores: Tensor, iou_threshold: float, labels: Te
     order = torch.sort(scores, descending=True, stable=True).indices
     boxes = rboxes[order]
     i, j = torch.triu_indices(n, n, offset=1, device=rboxes.device)
-    radius = 0.5 * torch.sqrt(boxes[:, 2] ** 2 + boxes[:, 3] ** 2)
-    near = (boxes[i, :2] - boxes[j, :2]).norm(dim=-1) <= radius[i] + radius[j]
     if labels is not None:
         lab = labels[order]
-        near &= lab[i] == lab[j]
+        same = lab[i] == lab[j]
+        i, j = i[same], j[same]
+    near = rbox_overlap(boxes[i], boxes[j])
     i, j = i[near], j[near]
     suppress = torch.zeros(n, n, dtype=torch.bool, device=rboxes.device)
     suppress[i, j] = rbox_iou(boxes[i], boxes[j]) > iou_threshold
@@ -439,6 +469,7 @@ __all__ = [
     "rbox_intersection",
     "rbox_iou",
     "rbox_iou_pairwise",
+    "rbox_overlap",
     "rbox_to_hbb",
     "rbox_to_poly",
     "regularize_rboxes",
