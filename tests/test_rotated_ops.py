@@ -19,6 +19,7 @@ from kdforge.tasks.ops.rotated import (
     rasterize_rboxes,
     rbox_iou,
     rbox_iou_pairwise,
+    rbox_overlap,
     rbox_to_hbb,
     rbox_to_poly,
     regularize_rboxes,
@@ -202,6 +203,23 @@ def test_iou_random_pairs_match_shapely(dtype, tol):
     err = np.abs(got - ref)
     assert err.max() < tol, (err.max(), np.argmax(err))
     assert (ref > 0).mean() > 0.3  # the set actually overlaps often
+
+
+def test_overlap_test_matches_shapely():
+    g = torch.Generator().manual_seed(9)
+    a = _random_rboxes(1500, g, span=20.0)
+    b = _random_rboxes(1500, g, span=20.0)
+    pa, pb = rbox_to_poly(a).numpy(), rbox_to_poly(b).numpy()
+    ref = np.array([geom.Polygon(p).intersection(geom.Polygon(q)).area > 1e-9 for p, q in zip(pa, pb, strict=True)])
+    got = rbox_overlap(a, b).numpy()
+    assert (got == ref).all() and 0.2 < ref.mean() < 0.8
+    pairs = _degenerate_pairs()
+    assert rbox_overlap(pairs[:, 0], pairs[:, 1]).tolist() == (_shapely_intersections(pairs) > 1e-9).tolist()
+
+
+def _shapely_intersections(pairs):
+    polys = rbox_to_poly(pairs).numpy()
+    return np.array([geom.Polygon(p[0]).intersection(geom.Polygon(p[1])).area for p in polys])
 
 
 def test_pairwise_matches_elementwise_and_chunks(monkeypatch):
