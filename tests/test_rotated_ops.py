@@ -127,6 +127,8 @@ def test_min_area_rect_matches_shapely(n_points):
     g = torch.Generator().manual_seed(n_points)
     points = torch.rand(300, n_points, 2, generator=g, dtype=torch.float64) * 50 + 1000  # far from the origin
     _check_rects(points, min_area_rect(points))
+    batched = min_area_rect(points.view(3, 100, n_points, 2))
+    torch.testing.assert_close(batched.view(300, 5), min_area_rect(points))
 
 
 def test_poly_to_rbox_recovers_boxes_and_handles_degenerate_polygons():

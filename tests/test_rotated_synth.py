@@ -66,6 +66,9 @@ def test_deterministic_per_seed_from_real_images(embedded):
     assert a.train.images.numpy().tobytes() != c.train.images.numpy().tobytes()
     assert a.train.images.shape == (24, 3, 96, 96) and a.train.images.dtype == torch.uint8
     assert a.classes == list(d.classes)
+    imgs, tg = a.train.batch(torch.tensor([3, 1]))
+    assert torch.equal(imgs, a.train.images[[3, 1]]) and torch.equal(tg["rboxes"], a.train.rboxes[[3, 1]])
+    assert torch.equal(tg["labels"], a.train.labels[[3, 1]]) and len(a.train) == 24
     # the test split draws from the test images: its objects' labels come from test_labels
     assert set(a.test.labels[a.test.labels >= 0].tolist()) <= set(d.test_labels[:200].tolist())
 

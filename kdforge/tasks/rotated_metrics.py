@@ -28,7 +28,7 @@ from torch import Tensor
 
 from kdforge.errors import DataError
 from kdforge.tasks.base import Evaluator, LocalReducer, Reducer
-from kdforge.tasks.ops.rotated import rbox_iou_pairwise
+from kdforge.tasks.ops.rotated import rbox_iou, rbox_overlap
 
 #: IoU thresholds of mAP50:95 (index 0 is 0.5, index 5 is 0.75)
 IOU_THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
@@ -115,9 +115,13 @@ def match_detections(
         jmax = torch.zeros(b, k, dtype=torch.long, device=det_rboxes.device)
         diff = torch.zeros(b, k, dtype=torch.bool, device=det_rboxes.device)
     else:
-        iou = rbox_iou_pairwise(det_rboxes.to(torch.float64), gt_rboxes.to(torch.float64))  # [B, K, M]
-        same = (det_labels.unsqueeze(2) == gt_labels.unsqueeze(1)) & (gt_labels.unsqueeze(1) >= 0)
-        iou = torch.where(same, iou, torch.full_like(iou, -1.0))
+        det = det_rboxes.to(torch.float64).unsqueeze(2).expand(b, k, m, 5)
+        gt = gt_rboxes.to(torch.float64).unsqueeze(1).expand(b, k, m, 5)
+        same = (det_labels.unsqueeze(2) == gt_labels.unsqueeze(1)) & (gt_labels.unsqueeze(1) >= 0) & real.unsqueeze(2)
+        # IoU 0 unless the pair overlaps: clip only those pairs (most pairs of a large image are far apart)
+        iou = torch.where(same, torch.zeros_like(det[..., 0]), torch.full_like(det[..., 0], -1.0))
+        near = same & rbox_overlap(det, gt)
+        iou[near] = rbox_iou(det[near], gt[near])
         ovmax, jmax = iou.max(dim=2)  # the first maximum, as np.argmax
         diff = gt_difficult.to(torch.bool).gather(1, jmax)
     above = (ovmax.unsqueeze(-1) > thr) & real.unsqueeze(-1)  # [B, K, T]

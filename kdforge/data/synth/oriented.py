@@ -52,6 +52,13 @@ class OrientedSplit:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def batch(self, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Images ``[B, 3, S, S]`` and targets ``{"rboxes": [B, M, 5], "labels": [B, M]}`` of the samples ``index``
+        (on ``index``'s device), in the batch-target format of the oriented task."""
+        cpu = index.cpu()
+        dev = index.device
+        return self.images[cpu].to(dev), {"rboxes": self.rboxes[cpu].to(dev), "labels": self.labels[cpu].to(dev)}
+
 
 @dataclass(frozen=True)
 class OrientedSynth:
