@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kdforge.data.dota import DOTA_V1_CLASSES, DotaDataset, parse_dota_labels
+from kdforge.data.dota import DOTA_V1_CLASSES, DotaDataset, collate_dota, parse_dota_labels
 from kdforge.errors import DataError
 from kdforge.tasks.ops.rotated import rbox_to_poly
 
@@ -36,7 +36,7 @@ def test_reads_images_headers_polygons_and_discovers_classes(tmp_path):
             "1 1 3 1 3 9 1 9 ship 1",  # taller than wide: θ = -π/2
         ],
     )
-    _write(tmp_path, "P0002", ["0 0 4 0 4 2 0 2 plane"], suffix=".jpg")  # 9 fields: difficult = 0
+    _write(tmp_path, "P0002", ["0 0 4 0 4 2 0 2 plane"], size=(16, 10), suffix=".jpg")  # 9 fields: difficult 0
     ds = DotaDataset(tmp_path)
     assert ds.classes == ["plane", "ship", "small-vehicle"]  # sorted when discovered
     assert len(ds) == 2
@@ -50,6 +50,22 @@ def test_reads_images_headers_polygons_and_discovers_classes(tmp_path):
     assert t["difficult"].tolist() == [False, True]
     assert t["polygons"].shape == (2, 4, 2)
     assert ds.annotations[1].difficult.tolist() == [False]
+    with pytest.raises(DataError, match="different sizes"):
+        collate_dota([ds[0], ds[1]])
+    images, batch = collate_dota([ds[0], ds[0]])
+    assert images.shape == (2, 3, 12, 20)
+    assert batch["labels"].tolist() == [[2, 1], [2, 1]] and batch["difficult"][0].tolist() == [False, True]
+
+
+def test_collate_pads_targets(tmp_path):
+    _write(tmp_path, "a", ["0 0 4 0 4 2 0 2 plane 0", "0 0 4 0 4 2 0 2 ship 1"])
+    _write(tmp_path, "b", [])
+    ds = DotaDataset(tmp_path)
+    images, batch = collate_dota([ds[0], ds[1]])
+    assert images.shape == (2, 3, 12, 20)
+    assert batch["labels"].tolist() == [[0, 1], [-1, -1]]
+    assert batch["difficult"].tolist() == [[False, True], [False, False]]
+    torch.testing.assert_close(batch["rboxes"][0, 0], torch.tensor([2.0, 1.0, 4.0, 2.0, 0.0]))
 
 
 def test_given_class_list_and_rotated_polygons(tmp_path):

@@ -217,6 +217,32 @@ class DotaDataset:
         return image, {"rboxes": a.rboxes, "labels": a.labels, "difficult": a.difficult, "polygons": a.polygons}
 
 
+def collate_dota(samples: Sequence[tuple[Tensor, dict[str, Tensor]]]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Stack equally sized images and pad targets to the batch format of the oriented task.
+
+    Args:
+        samples: ``(image [3, H, W], targets)`` pairs from :class:`DotaDataset` (images of one size, e.g. the
+            devkit's ``ImgSplit`` patches).
+
+    Returns:
+        ``images`` uint8 ``[B, 3, H, W]`` and ``{"rboxes": [B, M, 5], "labels": [B, M] (-1 = padding),
+        "difficult": [B, M]}`` with ``M`` the largest object count (at least 1).
+    """
+    sizes = {tuple(img.shape) for img, _ in samples}
+    if len(sizes) != 1:
+        raise DataError(f"cannot stack DOTA images of different sizes {sorted(sizes)}; split or resize them first")
+    m = max(1, *(int(t["labels"].numel()) for _, t in samples))
+    b = len(samples)
+    rboxes = torch.zeros(b, m, 5)
+    labels = torch.full((b, m), -1, dtype=torch.long)
+    difficult = torch.zeros(b, m, dtype=torch.bool)
+    for i, (_, t) in enumerate(samples):
+        k = int(t["labels"].numel())
+        rboxes[i, :k], labels[i, :k], difficult[i, :k] = t["rboxes"], t["labels"], t["difficult"]
+    images = torch.stack([img for img, _ in samples])
+    return images, {"rboxes": rboxes, "labels": labels, "difficult": difficult}
+
+
 __all__ = [
     "DOTA_V1_CLASSES",
     "DOTA_V15_CLASSES",
@@ -224,5 +250,6 @@ __all__ = [
     "DotaAnnotation",
     "DotaDataset",
     "DotaLabels",
+    "collate_dota",
     "parse_dota_labels",
 ]

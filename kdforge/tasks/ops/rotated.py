@@ -44,8 +44,10 @@ def norm_angle_le90(theta: Tensor) -> Tensor:
         Wrapped angles, same shape and dtype.
     """
     wrapped = torch.remainder(theta + HALF_PI, math.pi) - HALF_PI
-    # Rounding can leave remainder(π/2 - tiny + π/2, π) == π in float, i.e. θ == π/2; fold that into -π/2.
-    return torch.where(wrapped >= HALF_PI, wrapped - math.pi, wrapped)
+    # Rounding can put the result a hair outside: remainder(x, π) may round up to π (θ == π/2), and subtracting
+    # π/2 may land just below -π/2. Fold both back into the half-open interval.
+    wrapped = torch.where(wrapped >= HALF_PI, wrapped - math.pi, wrapped)
+    return torch.where(wrapped < -HALF_PI, wrapped + math.pi, wrapped)
 
 
 def regularize_rboxes(rboxes: Tensor) -> Tensor:
