@@ -190,21 +190,51 @@ def test_iou_degenerate_cases_match_shapely():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def _derived_pairs(a, g):
+    """Partners built from ``a`` so that degenerate geometry is the rule: identical boxes (also in the other
+    parametrisation), shifts by multiples of half a side along the box's own axes (collinear edges; touching at ±1
+    side), the same centre turned by π/4 or π/2, nested copies, and zero-size boxes."""
+    n = len(a)
+    cx, cy, w, h, t = a.unbind(-1)
+    u = torch.stack([t.cos(), t.sin()], -1)
+    v = torch.stack([-t.sin(), t.cos()], -1)
+    ku = torch.randint(-2, 3, (n, 1), generator=g).double() / 2
+    kv = torch.randint(-2, 3, (n, 1), generator=g).double() / 2
+    kind = torch.randint(0, 7, (n,), generator=g)
+    c = a[:, :2]
+    shifted = torch.cat([c + ku * w[:, None] * u + kv * h[:, None] * v, a[:, 2:]], -1)
+    options = [
+        a.clone(),
+        torch.stack([cx, cy, h, w, t + PI / 2], -1),
+        shifted,
+        torch.stack([cx, cy, w, h, t + PI / 4], -1),
+        torch.stack([cx, cy, h, w, t], -1),  # the same centre turned by π/2
+        torch.stack([cx, cy, 0.5 * w, 0.5 * h, t], -1),
+        torch.stack([cx, cy, w, torch.zeros_like(h), t], -1),
+    ]
+    return torch.stack(options)[kind, torch.arange(n)]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
 def test_iou_random_pairs_match_shapely(dtype, tol):
     g = torch.Generator().manual_seed(4)
-    a = _random_rboxes(2000, g, dtype=torch.float64, span=15.0)
-    b = _random_rboxes(2000, g, dtype=torch.float64, span=15.0)
-    # half the pairs snapped to integer centres/sides and angles in multiples of π/4: shared vertices and collinear
-    # edges become frequent
-    snap = torch.arange(2000) % 2 == 0
+    a = _random_rboxes(3000, g, dtype=torch.float64, span=15.0)
+    b = _random_rboxes(3000, g, dtype=torch.float64, span=15.0)
+    # a third generic, a third snapped to integer centres/sides and angles in multiples of π/4, a third derived from
+    # their partner (degenerate configurations)
+    snap = torch.arange(3000) % 3 == 1
     for x in (a, b):
         x[snap, :4] = torch.round(x[snap, :4])
         x[snap, 4] = torch.round(x[snap, 4] / (PI / 4)) * (PI / 4)
+    derived = torch.arange(3000) % 3 == 2
+    b[derived] = _derived_pairs(a[derived], g)
     ref = np.array([_shapely_iou(p, q) for p, q in zip(rbox_to_poly(a).numpy(), rbox_to_poly(b).numpy(), strict=True)])
     got = rbox_iou(a.to(dtype), b.to(dtype)).double().numpy()
     err = np.abs(got - ref)
     assert err.max() < tol, (err.max(), np.argmax(err))
     assert (ref > 0).mean() > 0.3  # the set actually overlaps often
+    d = derived.numpy()
+    assert (ref[d] > 1 - 1e-12).mean() > 0.2 and (ref[d] == 0).mean() > 0.1  # identical and touching / empty
 
 
 def test_overlap_test_matches_shapely():

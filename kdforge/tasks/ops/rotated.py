@@ -194,46 +194,48 @@ def _cross(a: Tensor, b: Tensor) -> Tensor:
     return a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
 
 
-def _inside_rect(p: Tensor, rect: Tensor, tol: float) -> Tensor:
-    """Whether points ``p [..., K, 2]`` lie in the rectangles ``rect [..., 4, 2]`` (corner order of
-    :func:`rbox_to_poly`), up to a relative slack ``tol`` of each side, so boundary points count as inside."""
-    o = rect[..., :1, :]
-    e1 = rect[..., 1:2, :] - o
-    e2 = rect[..., 3:4, :] - o
-    d = p - o
-    n1 = (e1 * e1).sum(-1)
-    n2 = (e2 * e2).sum(-1)
-    s1 = (d * e1).sum(-1)
-    s2 = (d * e2).sum(-1)
-    return (s1 >= -tol * n1) & (s1 <= (1 + tol) * n1) & (s2 >= -tol * n2) & (s2 <= (1 + tol) * n2)
+def _inside(p: Tensor, box: Tensor, slack: Tensor) -> Tensor:
+    """Whether points ``p [..., K, 2]`` lie in the rotated boxes ``box [..., 5]``, up to ``slack [...]`` (a
+    distance). Tested in the box's own frame — not with differences of its corners, which lose the precision of a
+    long thin box's short side."""
+    t = box[..., 4:5]
+    d = p - box[..., None, :2]
+    lu = d[..., 0] * torch.cos(t) + d[..., 1] * torch.sin(t)
+    lv = -d[..., 0] * torch.sin(t) + d[..., 1] * torch.cos(t)
+    return (lu.abs() <= 0.5 * box[..., 2:3].abs() + slack[..., None]) & (
+        lv.abs() <= 0.5 * box[..., 3:4].abs() + slack[..., None]
+    )
 
 
-def _convex_intersection_area(pa: Tensor, pb: Tensor, tol: float) -> Tensor:
-    """Area of the intersection of rectangles given by their corners ``[..., 4, 2]`` (broadcast together).
+def _convex_intersection_area(a: Tensor, b: Tensor, tol: float) -> Tensor:
+    """Area of the intersection of rotated boxes ``[..., 5]`` (same shape).
 
-    Candidate vertices: corners of each rectangle inside the other and crossings of their edges (4 × 4); the
-    intersection of two convex polygons is the convex hull of these. The valid candidates are sorted by angle
-    around their mean and the polygon's area is the shoelace sum; invalid slots repeat the first vertex, adding
-    zero-length edges. This is the construction of mmcv's ``box_iou_rotated`` kernel, written in batched tensor ops.
+    Candidate vertices: the corners of each box inside the other and the crossings of the lines of their edges
+    (4 × 4) that lie inside both boxes; the intersection of two convex polygons is the convex hull of these. A point
+    counts as inside up to a slack of ``tol`` times the largest side of the pair, so boundary points (shared
+    corners, touching and collinear edges) are kept whatever the rounding. Testing crossings for membership of
+    both boxes, rather than their parameters along the edges, also makes nearly parallel edges harmless: an
+    ill-conditioned crossing is either a genuine boundary point or rejected. The valid candidates are sorted by
+    angle around their mean and the area is the shoelace sum; invalid slots repeat the first vertex (zero-length
+    edges). The construction of mmcv's ``box_iou_rotated`` kernel, in batched tensor ops.
     """
-    pa, pb = torch.broadcast_tensors(pa, pb)
-    a_in_b = _inside_rect(pa, pb, tol)
-    b_in_a = _inside_rect(pb, pa, tol)
-    da = torch.roll(pa, -1, dims=-2) - pa  # edge k runs from corner k to corner k+1
-    db = torch.roll(pb, -1, dims=-2) - pb
-    d1 = da.unsqueeze(-2)  # [..., 4, 1, 2]
-    d2 = db.unsqueeze(-3)  # [..., 1, 4, 2]
+    pa, pb = rbox_to_poly(a), rbox_to_poly(b)
+    size = torch.maximum(a[..., 2:4].abs().amax(-1), b[..., 2:4].abs().amax(-1))
+    slack = tol * size
+    a_in_b = _inside(pa, b, slack)
+    b_in_a = _inside(pb, a, slack)
+    d1 = (torch.roll(pa, -1, dims=-2) - pa).unsqueeze(-2)  # a's edge i: corner i → i+1, [..., 4, 1, 2]
+    d2 = (torch.roll(pb, -1, dims=-2) - pb).unsqueeze(-3)  # [..., 1, 4, 2]
     r = pb.unsqueeze(-3) - pa.unsqueeze(-2)  # [..., 4, 4, 2]
     den = _cross(d1, d2)
     scale = (d1 * d1).sum(-1).sqrt() * (d2 * d2).sum(-1).sqrt()
-    crossing = den.abs() > 1e-9 * scale  # parallel (or zero-length) edges never contribute a crossing point
+    crossing = den.abs() > 1e-12 * scale  # exactly parallel or zero-length edges: no crossing
     safe = torch.where(crossing, den, torch.ones_like(den))
     t = _cross(r, d2) / safe
-    s = _cross(r, d1) / safe
-    crossing = crossing & (t >= -tol) & (t <= 1 + tol) & (s >= -tol) & (s <= 1 + tol)
-    hits = pa.unsqueeze(-2) + t.unsqueeze(-1) * d1  # [..., 4, 4, 2]
-    pts = torch.cat([pa, pb, hits.flatten(-3, -2)], dim=-2)  # [..., 24, 2]
-    valid = torch.cat([a_in_b, b_in_a, crossing.flatten(-2)], dim=-1)  # [..., 24]
+    hits = (pa.unsqueeze(-2) + t.unsqueeze(-1) * d1).flatten(-3, -2)  # [..., 16, 2]
+    crossing = crossing.flatten(-2) & _inside(hits, a, slack) & _inside(hits, b, slack)
+    pts = torch.cat([pa, pb, hits], dim=-2)  # [..., 24, 2]
+    valid = torch.cat([a_in_b, b_in_a, crossing], dim=-1)  # [..., 24]
 
     count = valid.sum(-1, keepdim=True)
     w = valid.to(pts.dtype).unsqueeze(-1)
@@ -270,7 +272,7 @@ def rbox_intersection(a: Tensor, b: Tensor) -> Tensor:
     origin = a[..., :2]
     a0 = torch.cat([torch.zeros_like(a[..., :2]), a[..., 2:]], dim=-1)
     b0 = torch.cat([b[..., :2] - origin, b[..., 2:]], dim=-1)
-    inter = _convex_intersection_area(rbox_to_poly(a0), rbox_to_poly(b0), _tolerance(work))
+    inter = _convex_intersection_area(a0, b0, _tolerance(work))
     nonzero = (rbox_area(a) > 0) & (rbox_area(b) > 0)
     return torch.where(nonzero, inter, torch.zeros_like(inter))
 
