@@ -194,17 +194,14 @@ def _cross(a: Tensor, b: Tensor) -> Tensor:
     return a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
 
 
-def _inside(p: Tensor, box: Tensor, slack: Tensor) -> Tensor:
-    """Whether points ``p [..., K, 2]`` lie in the rotated boxes ``box [..., 5]``, up to ``slack [...]`` (a
-    distance). Tested in the box's own frame — not with differences of its corners, which lose the precision of a
-    long thin box's short side."""
-    t = box[..., 4:5]
+def _inside(p: Tensor, box: Tensor, cos: Tensor, sin: Tensor, slack: Tensor) -> Tensor:
+    """Whether points ``p [..., K, 2]`` lie in the rotated boxes ``box [..., 5]`` (``cos``, ``sin`` of their angles,
+    ``[..., 1]``), up to ``slack [..., 1]`` (a distance). Tested in the box's own frame — not with differences of its
+    corners, which lose the precision of a long thin box's short side."""
     d = p - box[..., None, :2]
-    lu = d[..., 0] * torch.cos(t) + d[..., 1] * torch.sin(t)
-    lv = -d[..., 0] * torch.sin(t) + d[..., 1] * torch.cos(t)
-    return (lu.abs() <= 0.5 * box[..., 2:3].abs() + slack[..., None]) & (
-        lv.abs() <= 0.5 * box[..., 3:4].abs() + slack[..., None]
-    )
+    lu = d[..., 0] * cos + d[..., 1] * sin
+    lv = d[..., 1] * cos - d[..., 0] * sin
+    return (lu.abs() <= 0.5 * box[..., 2:3].abs() + slack) & (lv.abs() <= 0.5 * box[..., 3:4].abs() + slack)
 
 
 def _convex_intersection_area(a: Tensor, b: Tensor, tol: float) -> Tensor:
@@ -220,10 +217,11 @@ def _convex_intersection_area(a: Tensor, b: Tensor, tol: float) -> Tensor:
     edges). The construction of mmcv's ``box_iou_rotated`` kernel, in batched tensor ops.
     """
     pa, pb = rbox_to_poly(a), rbox_to_poly(b)
-    size = torch.maximum(a[..., 2:4].abs().amax(-1), b[..., 2:4].abs().amax(-1))
-    slack = tol * size
-    a_in_b = _inside(pa, b, slack)
-    b_in_a = _inside(pb, a, slack)
+    slack = tol * torch.maximum(a[..., 2:4].abs().amax(-1), b[..., 2:4].abs().amax(-1)).unsqueeze(-1)
+    ca, sa = torch.cos(a[..., 4:5]), torch.sin(a[..., 4:5])
+    cb, sb = torch.cos(b[..., 4:5]), torch.sin(b[..., 4:5])
+    a_in_b = _inside(pa, b, cb, sb, slack)
+    b_in_a = _inside(pb, a, ca, sa, slack)
     d1 = (torch.roll(pa, -1, dims=-2) - pa).unsqueeze(-2)  # a's edge i: corner i → i+1, [..., 4, 1, 2]
     d2 = (torch.roll(pb, -1, dims=-2) - pb).unsqueeze(-3)  # [..., 1, 4, 2]
     r = pb.unsqueeze(-3) - pa.unsqueeze(-2)  # [..., 4, 4, 2]
@@ -233,7 +231,7 @@ def _convex_intersection_area(a: Tensor, b: Tensor, tol: float) -> Tensor:
     safe = torch.where(crossing, den, torch.ones_like(den))
     t = _cross(r, d2) / safe
     hits = (pa.unsqueeze(-2) + t.unsqueeze(-1) * d1).flatten(-3, -2)  # [..., 16, 2]
-    crossing = crossing.flatten(-2) & _inside(hits, a, slack) & _inside(hits, b, slack)
+    crossing = crossing.flatten(-2) & _inside(hits, a, ca, sa, slack) & _inside(hits, b, cb, sb, slack)
     pts = torch.cat([pa, pb, hits], dim=-2)  # [..., 24, 2]
     valid = torch.cat([a_in_b, b_in_a, crossing], dim=-1)  # [..., 24]
 
