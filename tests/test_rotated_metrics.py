@@ -301,3 +301,10 @@ def test_two_rank_reduction_is_exact(with_ids):
     assert ranks[1].compute(rec) == {}
     assert ranks[0].compute(_Rank0(rec)) == expected
     assert math.isfinite(expected["mAP50"]) and expected["mAP50"] > 0
+
+
+def test_class_names_must_match_num_classes():
+    from kdforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="2 class names for 3 classes"):
+        OrientedEvaluator(num_classes=3, class_names=["a", "b"])

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from kdforge.errors import DataError
+from kdforge.errors import ConfigError, DataError
 from kdforge.tasks.base import Evaluator, LocalReducer, Reducer
 from kdforge.tasks.ops.rotated import rbox_iou, rbox_overlap
 
@@ -230,7 +230,7 @@ class OrientedEvaluator(Evaluator):
         class_names: optional names for the per-class keys (default: the class index).
         """
         if class_names is not None and len(class_names) != num_classes:
-            raise DataError(f"OrientedEvaluator got {len(class_names)} class names for {num_classes} classes")
+            raise ConfigError(f"OrientedEvaluator got {len(class_names)} class names for {num_classes} classes")
         self.num_classes = num_classes
         self.class_names = (
             [str(n) for n in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
