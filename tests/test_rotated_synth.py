@@ -30,45 +30,30 @@ def _solid_sources(n=10):
 
 def test_deterministic_per_seed_from_real_images(embedded):
     d = embedded
-    a = make_oriented_synth(
-        d.train_images[:500],
-        d.train_labels[:500],
-        d.test_images[:200],
-        d.test_labels[:200],
-        d.classes,
-        num_train=24,
-        num_test=8,
-        seed=3,
-    )
-    b = make_oriented_synth(
-        d.train_images[:500],
-        d.train_labels[:500],
-        d.test_images[:200],
-        d.test_labels[:200],
-        d.classes,
-        num_train=24,
-        num_test=8,
-        seed=3,
-    )
-    c = make_oriented_synth(
-        d.train_images[:500],
-        d.train_labels[:500],
-        d.test_images[:200],
-        d.test_labels[:200],
-        d.classes,
-        num_train=24,
-        num_test=8,
-        seed=4,
-    )
+
+    def build(seed):
+        return make_oriented_synth(
+            d.train_images[:500],
+            d.train_labels[:500],
+            d.test_images[:200],
+            d.test_labels[:200],
+            d.classes,
+            num_train=12,
+            num_test=6,
+            seed=seed,
+        )
+
+    a, b = build(3), build(3)
+    c = make_oriented_split(d.train_images[:500], d.train_labels[:500], 12, seed=2 * 4)  # the train split of seed 4
     for x, y in ((a.train, b.train), (a.test, b.test)):
         assert x.images.numpy().tobytes() == y.images.numpy().tobytes()
         assert torch.equal(x.rboxes, y.rboxes) and torch.equal(x.labels, y.labels)
-    assert a.train.images.numpy().tobytes() != c.train.images.numpy().tobytes()
-    assert a.train.images.shape == (24, 3, 96, 96) and a.train.images.dtype == torch.uint8
+    assert a.train.images.numpy().tobytes() != c.images.numpy().tobytes()
+    assert a.train.images.shape == (12, 3, 96, 96) and a.train.images.dtype == torch.uint8
     assert a.classes == list(d.classes)
     imgs, tg = a.train.batch(torch.tensor([3, 1]))
     assert torch.equal(imgs, a.train.images[[3, 1]]) and torch.equal(tg["rboxes"], a.train.rboxes[[3, 1]])
-    assert torch.equal(tg["labels"], a.train.labels[[3, 1]]) and len(a.train) == 24
+    assert torch.equal(tg["labels"], a.train.labels[[3, 1]]) and len(a.train) == 12
     # the test split draws from the test images: its objects' labels come from test_labels
     assert set(a.test.labels[a.test.labels >= 0].tolist()) <= set(d.test_labels[:200].tolist())
 
