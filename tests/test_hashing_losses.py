@@ -119,7 +119,9 @@ def test_symmetric_bernoulli_kl_matches_numpy_and_detaches_the_reference():
 
     def kl(a, c):
         e = 1e-8
-        return np.mean(np.sum(a * (np.log(a + e) - np.log(c + e)) + (1 - a) * (np.log(1 - a + e) - np.log(1 - c + e)), 1))
+        return np.mean(
+            np.sum(a * (np.log(a + e) - np.log(c + e)) + (1 - a) * (np.log(1 - a + e) - np.log(1 - c + e)), 1)
+        )
 
     pt = torch.tensor(p, requires_grad=True)
     qt = torch.tensor(q, requires_grad=True)
@@ -137,9 +139,13 @@ def test_cibhash_loss_parts_and_gradient():
     hj = torch.randn(8, 16, generator=g, requires_grad=True)
     parts = cibhash_loss(hi, hj, temperature=0.3, kl_weight=0.001)
     zi, zj = torch.sign(torch.sigmoid(hi) - 0.5), torch.sign(torch.sigmoid(hj) - 0.5)
-    assert float(parts["contrastive"].detach()) == pytest.approx(_np_nt_xent(zi.detach().numpy(), zj.detach().numpy(), 0.3), rel=1e-5)
+    assert float(parts["contrastive"].detach()) == pytest.approx(
+        _np_nt_xent(zi.detach().numpy(), zj.detach().numpy(), 0.3), rel=1e-5
+    )
     pi, pj = torch.sigmoid(hi), torch.sigmoid(hj)
-    assert float(parts["kl"].detach()) == pytest.approx(0.001 * float(symmetric_bernoulli_kl(pi, pj).detach()), rel=1e-6)
+    assert float(parts["kl"].detach()) == pytest.approx(
+        0.001 * float(symmetric_bernoulli_kl(pi, pj).detach()), rel=1e-6
+    )
     sum(parts.values()).backward()
     assert hi.grad is not None and float(hi.grad.abs().sum()) > 0
     assert hj.grad is not None and float(hj.grad.abs().sum()) > 0
@@ -249,7 +255,8 @@ def test_bit_mask_intended_and_reference_bug():
 
 
 @pytest.mark.parametrize(
-    "false_neg,false_pos,use_mask", [(False, False, False), (True, False, False), (True, True, False), (True, True, True), (False, True, True)]
+    "false_neg,false_pos,use_mask",
+    [(False, False, False), (True, False, False), (True, True, False), (True, True, True), (False, True, True)],
 )
 def test_brcd_loss_matches_reference_transcription(false_neg, false_pos, use_mask):
     rng = np.random.default_rng(10)
@@ -328,7 +335,9 @@ def test_brcd_criterion_uses_clusters_of_the_indices_and_trains_the_student():
     bug = BRCDCriterion.from_teacher_codes(x, num_clusters=3, n_init=2, reference_mask_bug=True)
     assert float(bug.mask.abs().sum()) == 0.0
     # every piece can be switched off: plain contrastive alignment
-    plain = BRCDCriterion(crit.centers, crit.assign, crit.mask, false_negatives=False, false_positives=False, use_mask=False)
+    plain = BRCDCriterion(
+        crit.centers, crit.assign, crit.mask, false_negatives=False, false_positives=False, use_mask=False
+    )
     assert float(plain(logits, ti, tj, index).detach()) == pytest.approx(
         float(brcd_loss(z, ti, tj, alpha=0.8, false_negatives=False, false_positives=False).detach()), rel=1e-6
     )

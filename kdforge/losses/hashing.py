@@ -31,11 +31,11 @@ class _SignSTE(torch.autograd.Function):
     """``sign`` forward, identity backward (CIBHash's ``hash`` Function: ``backward`` returns ``grad_output``)."""
 
     @staticmethod
-    def forward(ctx: object, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(ctx: object, x: Tensor) -> Tensor:
         return torch.sign(x)
 
     @staticmethod
-    def backward(ctx: object, grad: Tensor) -> Tensor:  # noqa: D102
+    def backward(ctx: object, grad: Tensor) -> Tensor:
         return grad
 
 
@@ -528,7 +528,9 @@ class BRCDCriterion(nn.Module):
         mask = cluster_bit_mask(codes, res.assign, k, margin, reference_bug=reference_mask_bug)
         return cls(res.centers, res.assign, mask, **kwargs)  # type: ignore[arg-type]
 
-    def forward(self, student_logits_i: Tensor, teacher_codes_i: Tensor, teacher_codes_j: Tensor, index: Tensor) -> Tensor:
+    def forward(
+        self, student_logits_i: Tensor, teacher_codes_i: Tensor, teacher_codes_j: Tensor, index: Tensor
+    ) -> Tensor:
         """Args: ``student_logits_i`` ``[B, b]`` hash-head outputs of view i; ``teacher_codes_i``/``_j`` ``[B, b]``
         ``±1`` teacher codes of views i and j; ``index`` ``[B]`` dataset indices. Returns the scalar loss."""
         _, z_i = hash_codes_ste(student_logits_i)

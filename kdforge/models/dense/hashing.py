@@ -47,7 +47,9 @@ class HashingNet(nn.Module):
             layers are kept in eval mode by :meth:`train`.
     """
 
-    def __init__(self, backbone: nn.Module, bits: int, hidden: int | None = None, freeze_backbone: bool = False) -> None:
+    def __init__(
+        self, backbone: nn.Module, bits: int, hidden: int | None = None, freeze_backbone: bool = False
+    ) -> None:
         super().__init__()
         if bits < 1:
             raise ValueError(f"bits must be positive, got {bits}")
