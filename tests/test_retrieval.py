@@ -239,3 +239,14 @@ def test_evaluator_without_indices_uses_arrival_order_and_needs_a_database():
     ev.reset()
     with pytest.raises(ValueError):
         ev.compute()
+
+
+def test_evaluator_stores_the_binary_codes_of_continuous_inputs():
+    q, d, _, ql, dl = _split_data(7)
+    scale = torch.rand(q.shape, generator=torch.Generator().manual_seed(0)) + 0.1
+    a, b = HashingEvaluator(topk=20), HashingEvaluator(topk=20)
+    a.update(q, ql)
+    b.update(q * scale, ql)  # continuous codes with the same signs
+    for ev in (a, b):
+        ev.update_database(d, dl)
+    assert a.compute() == b.compute()

@@ -38,7 +38,8 @@ class _CodeStore:
             # no dataset indices: arrival order (exact in one process; give indices under DDP)
             index = torch.arange(self.seen, self.seen + codes.shape[0], device=codes.device)
         self.seen += codes.shape[0]
-        self.codes.append(codes.detach().to(torch.int8).cpu())
+        # sign, not a cast: continuous codes passed by mistake still become their binary codes
+        self.codes.append(torch.sign(codes.detach()).to(torch.int8).cpu())
         self.labels.append(labels.detach().cpu())
         self.index.append(index.detach().long().cpu())
 
