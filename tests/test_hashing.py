@@ -66,6 +66,7 @@ def test_binary_export_traces_and_equals_predict():
     y = torch.randn(5, 3, 32, 32)
     expected = HashingTask(bits=32).predict(net(y))
     assert torch.equal(traced(y), expected)
+    assert torch.equal(torch.jit.script(wrapper)(y), expected)
     assert set(expected.unique().tolist()) <= {-1.0, 1.0}
 
 

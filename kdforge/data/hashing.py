@@ -174,7 +174,7 @@ def read_image_list(path: str | Path, num_classes: int | None = None) -> ImageLi
     paths: list[str] = []
     rows: list[list[float]] = []
     k = num_classes
-    with p.open("r", encoding="utf-8", errors="replace") as fh:
+    with p.open("r", encoding="utf-8-sig", errors="replace") as fh:  # -sig: a BOM is not part of a path
         for lineno, line in enumerate(fh, start=1):
             parts = line.split()
             if not parts:
