@@ -341,3 +341,21 @@ def test_brcd_criterion_uses_clusters_of_the_indices_and_trains_the_student():
     assert float(plain(logits, ti, tj, index).detach()) == pytest.approx(
         float(brcd_loss(z, ti, tj, alpha=0.8, false_negatives=False, false_positives=False).detach()), rel=1e-6
     )
+
+
+def test_brcd_reference_literal_mode_assigns_the_masked_augmented_code():
+    """The released code's behaviour end to end: all-zero mask and the augmented code assigned after masking, so
+    every augmented view falls in the cluster nearest the origin."""
+    x, _ = _blobs(6, k=3, per=10, bits=16)
+    lit = BRCDCriterion.from_teacher_codes(
+        x, num_clusters=3, n_init=2, reference_mask_bug=True, aug_cluster_from_masked=True
+    )
+    index = torch.tensor([0, 11, 22, 5])
+    ti = x[index]
+    tj = x[index.flip(0)]
+    logits = torch.randn(4, 16)
+    _, z = hash_codes_ste(logits)
+    cluster = lit.assign[index]
+    aug = nearest_center(torch.zeros(4, 16), lit.centers)
+    expected = brcd_loss(z, ti, tj, cluster, aug, torch.zeros(4, 16), 0.8, 0.3, True, True)
+    assert float(lit(logits, ti, tj, index)) == pytest.approx(float(expected), rel=1e-6)
