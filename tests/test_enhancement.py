@@ -146,7 +146,10 @@ def test_output_distill_golden() -> None:
 def test_attention_distill_numpy_and_invariances() -> None:
     gen = torch.Generator().manual_seed(2)
     fs, ft = _feats(gen, [4, 8, 4]), _feats(gen, [16, 32, 16])
-    want = sum(((np_attention(s.double().numpy()) - np_attention(t.double().numpy())) ** 2).mean() for s, t in zip(fs, ft, strict=True))
+    want = sum(
+        ((np_attention(s.double().numpy()) - np_attention(t.double().numpy())) ** 2).mean()
+        for s, t in zip(fs, ft, strict=True)
+    )
     assert float(attention_distill_loss(fs, ft)) == pytest.approx(want, rel=1e-5)
     # AT compares normalized maps: a scaled copy with duplicated channels transfers perfectly.
     twice = [torch.cat([3 * t, 3 * t], dim=1) for t in ft]
@@ -212,7 +215,10 @@ def _hand_macs(w: int, s: int) -> int:
     return total + a[0] * w * 3 * k  # head
 
 
-@pytest.mark.parametrize("name,width,params", [("unet_enhancer_w32", 32, 2701027), ("unet_enhancer_w12", 12, 380727), ("unet_enhancer_w8", 8, 169531)])
+@pytest.mark.parametrize(
+    "name,width,params",
+    [("unet_enhancer_w32", 32, 2701027), ("unet_enhancer_w12", 12, 380727), ("unet_enhancer_w8", 8, 169531)],
+)
 def test_model_sizes_and_macs(name: str, width: int, params: int) -> None:
     model = ENHANCEMENT_MODELS[name]()
     assert model.width == width

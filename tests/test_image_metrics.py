@@ -13,7 +13,9 @@ from kdforge.tasks.ops.image_metrics import EnhancementEvaluator, default_data_r
 
 skm = pytest.importorskip("skimage.metrics")
 
-SHARED_CIFAR10 = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared/data/cifar10/cifar10_jpeg.npz"
+SHARED_CIFAR10 = (
+    __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared/data/cifar10/cifar10_jpeg.npz"
+)
 
 
 def sk_ssim(x: np.ndarray, y: np.ndarray, data_range: float) -> float:

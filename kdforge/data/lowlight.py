@@ -73,7 +73,9 @@ def scan_pairs(low_dir: Path | str, high_dir: Path | str) -> list[tuple[Path, Pa
     lows, highs = _list_images(low_dir), _list_images(high_dir)
     for name in lows:
         if name not in highs:
-            raise DataError(f"{low_dir / name} has no normal-light partner {high_dir / name}; add it or remove the file")
+            raise DataError(
+                f"{low_dir / name} has no normal-light partner {high_dir / name}; add it or remove the file"
+            )
     for name in highs:
         if name not in lows:
             raise DataError(f"{high_dir / name} has no low-light partner {low_dir / name}; add it or remove the file")
@@ -247,8 +249,8 @@ class PairLoader:
     random ``crop_size`` square and joint flips, all randomness drawn on the host from that one stream. When every
     pair has one size (the synthetic CIFAR set) whole images go to the device and :func:`random_joint_augment` crops
     and flips there; otherwise (real photographs of mixed sizes) the crop is cut on the host, a view, before the
-    transfer, and the flips run on the device. The last incomplete batch is dropped. Evaluation: every pair once, in order, whole; consecutive pairs of one
-    size are stacked up to ``batch_size``.
+    transfer, and the flips run on the device. The last incomplete batch is dropped. Evaluation: every pair once,
+    in order, whole; consecutive pairs of one size are stacked up to ``batch_size``.
 
     Args:
         pairs: the pair set.

@@ -94,10 +94,12 @@ def ssim_map(
         The SSIM map, float32 (float64 for float64 inputs). Differentiable in ``x`` and ``y``.
     """
     if x.shape != y.shape or x.dim() != 4:
-        raise ValueError(f"ssim_map needs two [B, C, H, W] tensors of one shape, got {tuple(x.shape)}, {tuple(y.shape)}")
+        raise ValueError(
+            f"ssim_map needs two [B, C, H, W] tensors of one shape, got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
     dtype = _work_dtype(x)
     x, y = x.to(dtype), y.to(dtype)
-    b, c, h, w = x.shape
+    _, c, h, w = x.shape
     r = (win_size - 1) // 2
     if padding == "reflect":
         if min(h, w) <= r:
@@ -263,7 +265,9 @@ class FeatureAdapter(nn.Module):
         return [conv(f) for conv, f in zip(self.convs, feats, strict=True)]
 
 
-def feature_distill_loss(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], adapter: FeatureAdapter) -> Tensor:
+def feature_distill_loss(
+    student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], adapter: FeatureAdapter
+) -> Tensor:
     """FitNets on every stage: ``mean_l MSE(r_l(F_s^l), F_t^l)`` with the 1×1 regressors of ``adapter``.
 
     Each stage's term is :func:`kdforge.losses.feature.hint_loss` (the element mean, as RepDistiller/mdistiller);

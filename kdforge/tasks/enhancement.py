@@ -41,14 +41,22 @@ class EnhancementTask:
         gradient_weight: float = 0.0,
         ssim_padding: Padding = "reflect",
     ) -> None:
-        for key, value in (("l1_weight", l1_weight), ("ssim_weight", ssim_weight), ("gradient_weight", gradient_weight)):
+        for key, value in (
+            ("l1_weight", l1_weight),
+            ("ssim_weight", ssim_weight),
+            ("gradient_weight", gradient_weight),
+        ):
             if not value >= 0:
                 raise ConfigError(f"enhancement {key} must be >= 0, got {value}")
         if l1_weight == ssim_weight == gradient_weight == 0:
             raise ConfigError("enhancement loss weights are all zero; set l1_weight, ssim_weight or gradient_weight")
         if ssim_padding not in ("reflect", "valid"):
             raise ConfigError(f"ssim_padding must be 'reflect' or 'valid', got {ssim_padding!r}")
-        self.l1_weight, self.ssim_weight, self.gradient_weight = float(l1_weight), float(ssim_weight), float(gradient_weight)
+        self.l1_weight, self.ssim_weight, self.gradient_weight = (
+            float(l1_weight),
+            float(ssim_weight),
+            float(gradient_weight),
+        )
         self.ssim_padding: Padding = ssim_padding
 
     def build_model(self, arch: str, **kw: object) -> nn.Module:

@@ -107,7 +107,9 @@ def lowlight_pairs_from_arrays(images: np.ndarray, seed: int, names: list[str] |
     """
     lows, _ = synthesize(images, seed)
     return InMemoryPairs(
-        torch.from_numpy(lows), torch.from_numpy(np.ascontiguousarray(images)), names or [str(i) for i in range(len(images))]
+        torch.from_numpy(lows),
+        torch.from_numpy(np.ascontiguousarray(images)),
+        names or [str(i) for i in range(len(images))],
     )
 
 
