@@ -121,17 +121,17 @@ class UNetEnhancer(nn.Module):
 
 
 def unet_enhancer_w32() -> UNetEnhancer:
-    """Teacher: width 32 (1.94 M parameters)."""
+    """Teacher: width 32 (2.70 M parameters)."""
     return UNetEnhancer(width=32)
 
 
 def unet_enhancer_w12() -> UNetEnhancer:
-    """Student: width 12."""
+    """Student: width 12 (0.38 M parameters)."""
     return UNetEnhancer(width=12)
 
 
 def unet_enhancer_w8() -> UNetEnhancer:
-    """Student: width 8."""
+    """Student: width 8 (0.17 M parameters)."""
     return UNetEnhancer(width=8)
 
 
