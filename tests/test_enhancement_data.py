@@ -214,3 +214,18 @@ def test_bad_source_arrays() -> None:
         synthesize(np.zeros((2, 32, 32, 3), np.uint8), seed=0)
     with pytest.raises(DataError, match="one size"):
         InMemoryPairs([torch.zeros(3, 4, 4, dtype=torch.uint8)], [torch.zeros(3, 4, 5, dtype=torch.uint8)], ["x"])
+
+
+def test_loader_rank_shards_cover_the_one_process_order() -> None:
+    high = torch.randint(0, 256, (10, 3, 6, 6), dtype=torch.uint8)
+    pairs = InMemoryPairs(high // 4, high, [str(i) for i in range(10)])
+    one = list(PairLoader(pairs, 4, train=True, seed=3, flips=False))
+    ranks = [list(PairLoader(pairs, 2, train=True, seed=3, flips=False, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == 2
+    for k in range(2):
+        assert torch.equal(torch.cat([ranks[0][k][1], ranks[1][k][1]]), one[k][1])
+    evals = [list(PairLoader(pairs, 3, train=False, rank=r, world_size=2)) for r in (0, 1)]
+    seen = torch.cat([b[1] for r in (0, 1) for b in evals[r]])
+    assert seen.shape[0] == 10 and torch.equal(seen.sort(dim=0).values, (high.float() / 255).sort(dim=0).values)
+    with pytest.raises(DataError, match="outside world_size"):
+        PairLoader(pairs, 2, train=True, rank=2, world_size=2)

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from kdforge.data.loader import mix_seed, train_shard
 from kdforge.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -245,12 +246,15 @@ def random_joint_augment(
 class PairLoader:
     """Batches of ``(low, high)`` float ``[B, 3, H, W]`` in [0, 1] on ``device``.
 
-    Training (``train=True``): each epoch visits a permutation drawn from ``(seed, epoch)``; every image gets one
-    random ``crop_size`` square and joint flips, all randomness drawn on the host from that one stream. When every
+    Training (``train=True``): each epoch visits a permutation drawn from ``(seed, epoch)``, cut into global batches
+    of ``world_size × batch_size`` of which rank ``r`` takes the ``r``-th slice (``kdforge.data.loader.train_shard``,
+    as the CIFAR loader); every image gets one random ``crop_size`` square and joint flips, drawn on the host from a
+    stream of ``(seed, epoch, rank)``. When every
     pair has one size (the synthetic CIFAR set) whole images go to the device and :func:`random_joint_augment` crops
     and flips there; otherwise (real photographs of mixed sizes) the crop is cut on the host, a view, before the
     transfer, and the flips run on the device. The last incomplete batch is dropped. Evaluation: every pair once,
-    in order, whole; consecutive pairs of one size are stacked up to ``batch_size``.
+    in order, whole; consecutive pairs of one size are stacked up to ``batch_size``, and rank ``r`` takes batches
+    ``r, r + W, ...`` so the ranks together see every pair exactly once.
 
     Args:
         pairs: the pair set.
@@ -260,6 +264,7 @@ class PairLoader:
         device: where batches are delivered.
         seed: base seed of the permutation and the augmentation.
         flips: random joint flips in training.
+        rank, world_size: this process's shard of a distributed run.
     """
 
     def __init__(
@@ -272,7 +277,11 @@ class PairLoader:
         device: torch.device | str = "cpu",
         seed: int = 0,
         flips: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world_size {world_size}")
         if batch_size < 1:
             raise DataError(f"batch_size must be positive, got {batch_size}")
         if len(pairs) == 0:
@@ -285,10 +294,13 @@ class PairLoader:
                 raise DataError(f"image {pairs.names[i]} is {h}×{w}, smaller than crop_size {crop_size}")
             if crop_size is None and len({pairs.size(i) for i in range(len(pairs))}) > 1:
                 raise DataError("training images differ in size; set crop_size to train on random crops")
-            if len(pairs) < batch_size:
-                raise DataError(f"{len(pairs)} training pairs are fewer than batch_size {batch_size}")
+            if len(pairs) < batch_size * world_size:
+                raise DataError(
+                    f"{len(pairs)} training pairs are fewer than one global batch ({world_size} × {batch_size})"
+                )
         self.pairs, self.batch_size, self.train = pairs, batch_size, train
         self.crop_size, self.device, self.seed, self.flips = crop_size, torch.device(device), seed, flips
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self._one_size = len({pairs.size(i) for i in range(len(pairs))}) == 1
 
@@ -298,7 +310,7 @@ class PairLoader:
 
     def __len__(self) -> int:
         if self.train:
-            return len(self.pairs) // self.batch_size
+            return len(self.pairs) // (self.batch_size * self.world_size)
         return len(self._eval_batches())
 
     def _eval_batches(self) -> list[list[int]]:
@@ -308,7 +320,7 @@ class PairLoader:
                 batches[-1].append(i)
             else:
                 batches.append([i])
-        return batches
+        return batches[self.rank :: self.world_size]
 
     def _to_device(self, lows: list[Tensor], highs: list[Tensor]) -> tuple[Tensor, Tensor]:
         low = torch.stack(lows).to(self.device, non_blocking=True).float().div_(255.0)
@@ -321,8 +333,15 @@ class PairLoader:
                 got = [self.pairs.pair(i) for i in idx]
                 yield self._to_device([g[0] for g in got], [g[1] for g in got])
             return
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.pairs), generator=gen).tolist()
+        order = train_shard(
+            len(self.pairs),
+            self.batch_size,
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+        ).tolist()
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank))
         s = self.crop_size
         for k in range(len(self)):
             idx = order[k * self.batch_size : (k + 1) * self.batch_size]
