@@ -89,6 +89,17 @@ def test_ssim_loss_limits_and_constant_golden() -> None:
         ssim_loss(x, x, padding="same")  # type: ignore[arg-type]
 
 
+def test_ssim_stays_float32_under_autocast() -> None:
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.rand(2, 3, 16, 16, generator=gen), torch.rand(2, 3, 16, 16, generator=gen)
+    ref = ssim_loss(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ssim_loss(x.bfloat16(), y.bfloat16())
+    assert got.dtype == torch.float32
+    # Only the bf16 rounding of the inputs remains (~3 significant digits), not a half-precision variance.
+    assert float(got) == pytest.approx(float(ref), abs=5e-3)
+
+
 def test_gradient_and_l1_golden() -> None:
     p = torch.tensor([[[[0.0, 1.0], [2.0, 4.0]]]])
     t = torch.zeros_like(p)
@@ -321,3 +332,21 @@ def test_student_training_beats_identity_baseline() -> None:
         ev.update(task.predict(model(low)), high)
         after = ev.compute()["psnr"]
     assert after > baseline + 3.0, (baseline, after)
+
+
+def test_lowlight_kd_on_real_teacher_and_student() -> None:
+    """The KD parts assemble on the real networks: stages align, FitNets adapters fit, the student gets gradients."""
+    torch.manual_seed(0)
+    task = EnhancementTask()
+    teacher, student = task.build_model("unet_enhancer_w32").eval(), task.build_model("unet_enhancer_w8")
+    adapter = FeatureAdapter(student.stage_channels, teacher.stage_channels)
+    x, gt = torch.rand(2, 3, 13, 19), torch.rand(2, 3, 13, 19)
+    with torch.no_grad():
+        t = teacher.forward_features(x)
+    s = student.forward_features(x)
+    parts = task.loss(s, gt) | lowlight_kd_loss(s.out, t.out, s.feats, t.feats, feature_weight=1.0, adapter=adapter)
+    assert set(parts) == {"l1", "ssim", "kd_attention", "kd_output", "kd_gradient", "kd_feature"}
+    assert all(torch.isfinite(v) and v > 0 for v in parts.values())
+    sum(parts.values()).backward()
+    assert all(p.grad is not None for p in (*student.parameters(), *adapter.parameters()))
+    assert all(p.grad is None for p in teacher.parameters())

@@ -115,8 +115,10 @@ def ssim_map(
     if padding == "reflect":
         stack = F.pad(stack, (r, r, r, r), mode="reflect")
     n = stack.shape[1]
-    stack = F.conv2d(stack, g.view(1, 1, 1, -1).expand(n, 1, 1, win_size), groups=n)
-    stack = F.conv2d(stack, g.view(1, 1, -1, 1).expand(n, 1, win_size, 1), groups=n)
+    # Autocast would run these convolutions in half precision; E[x²] − μ² then cancels catastrophically.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        stack = F.conv2d(stack, g.view(1, 1, 1, -1).expand(n, 1, 1, win_size), groups=n)
+        stack = F.conv2d(stack, g.view(1, 1, -1, 1).expand(n, 1, win_size, 1), groups=n)
     mx, my, exx, eyy, exy = stack.split(c, dim=1)
     vx = exx - mx * mx
     vy = eyy - my * my
