@@ -251,9 +251,9 @@ class PairLoader:
     as the CIFAR loader); every image gets one random ``crop_size`` square and joint flips, drawn on the host from a
     stream of ``(seed, epoch, rank)``. When every pair has one size (the synthetic CIFAR set) whole images go to the
     device and :func:`random_joint_augment` crops and flips there; otherwise (real photographs of mixed sizes) the
-    crop is cut on the host, a view, before the transfer, and the flips run on the device. The last incomplete batch is dropped. Evaluation: every pair once,
-    in order, whole; consecutive pairs of one size are stacked up to ``batch_size``, and rank ``r`` takes batches
-    ``r, r + W, ...`` so the ranks together see every pair exactly once.
+    crop is cut on the host, a view, before the transfer, and the flips run on the device. The last incomplete batch
+    is dropped. Evaluation: every pair once, in order, whole; consecutive pairs of one size are stacked up to
+    ``batch_size``, and rank ``r`` takes batches ``r, r + W, ...`` so the ranks together see every pair exactly once.
 
     Args:
         pairs: the pair set.
