@@ -3,8 +3,9 @@
 Remote-sensing scene classifiers (DATS, TASN) earn their keep when the label is carried by a small region of a large
 image. This builder makes such images from real photographs, with no download:
 
-1. **Background.** A random image of the source split, bilinearly upsampled to the canvas (a smooth, natural-looking
-   texture with no object identity left at that magnification), dimmed by a factor in [0.5, 0.9].
+1. **Background.** A random image of the source split (any class), bilinearly upsampled to the canvas and dimmed by
+   a factor in [0.5, 0.9]: a large, blurred and often recognisable scene whose class is unrelated to the label, a
+   cue the classifier has to learn to ignore in favour of the small object.
 2. **Distractors.** ``distractors`` patches cut from other random images, each split into a 4×4 grid of tiles that are
    shuffled, so they keep natural colour and edge statistics but carry no object. Each is pasted at a random scale
    in ``object_size`` and a random position.
