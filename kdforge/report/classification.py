@@ -135,7 +135,7 @@ def format_classification_report(report: ClassificationReport) -> str:
         )
     lines.append(f"{'macro F1':<{width}}  {report.macro_f1:.4f}   weighted F1 {report.weighted_f1:.4f}")
     lines.append("confusion matrix (rows: true class, columns: predicted):")
-    cell = max(5, len(str(int(report.confusion.max()))) + 1)
+    cell = max(5, min(max(len(c) for c in report.classes), 10) + 1, len(str(int(report.confusion.max()))) + 1)
     short = [c[: cell - 1] for c in report.classes]
     lines.append(" " * width + "".join(f"{c:>{cell}}" for c in short))
     for name, row in zip(report.classes, report.confusion.tolist(), strict=True):
