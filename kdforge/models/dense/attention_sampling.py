@@ -13,9 +13,19 @@ gradient of the resampled image flows to the image alone, as in TASN.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def _fp32(device: torch.device) -> contextlib.AbstractContextManager:
+    # The softmax-of-products and the cumulative sums are precision-sensitive, so autocast is switched off; the meta
+    # device (shape inference) has no autocast to switch.
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def trilinear_attention(feat: Tensor, scale: float = 2.0) -> Tensor:
@@ -35,7 +45,7 @@ def trilinear_attention(feat: Tensor, scale: float = 2.0) -> Tensor:
         classification loss; the maps steer sampling and carry no gradient).
     """
     b, c, h, w = feat.shape
-    with torch.autocast(device_type=feat.device.type, enabled=False):
+    with _fp32(feat.device):
         x = feat.detach().float().reshape(b, c, h * w)
         relations = torch.softmax(torch.softmax(x * scale, dim=2) @ x.transpose(1, 2), dim=2)  # [B, C, C]
         return (relations @ x).reshape(b, c, h, w)
@@ -122,7 +132,7 @@ def attention_grid(
     Returns:
         ``[B, out_size, out_size, 2]`` grid of ``(x, y)`` in ``[-1, 1]`` for ``F.grid_sample(..., align_corners=True)``.
     """
-    with torch.autocast(device_type=attention.device.type, enabled=False):
+    with _fp32(attention.device):
         att = F.interpolate(attention.detach().float(), (size, size), mode="bilinear", align_corners=False)[:, 0]
         row_profile = att.amax(dim=2)  # [B, size]: each row's maximum -> where output rows go
         col_profile = att.amax(dim=1)  # [B, size]: each column's maximum -> where output columns go
