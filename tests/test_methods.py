@@ -12,6 +12,7 @@ from kdforge.data.batch import Batch
 from kdforge.errors import ConfigError
 from kdforge.losses import cross_entropy, kd_loss
 from kdforge.methods import METHODS, Progress, create_method, list_methods
+from kdforge.models import create_model
 
 PROGRESS = Progress(epoch=0, step=0, epoch_float=0.0, fraction=0.0)
 
@@ -30,11 +31,20 @@ def _batch_for(method) -> Batch:
     return _batch(views=1 if method.needs_views else 0, negatives=method.needs_negatives)
 
 
+def _student(name, tiny_net):
+    """The tiny test student, or the first network of the registry that the method declares it needs."""
+    required = METHODS.get(name).student_models
+    if not required:
+        return tiny_net(seed=0)
+    torch.manual_seed(0)
+    return create_model(required[0], num_classes=4)
+
+
 def _make(name, tiny_net, **params):
     teacher = tiny_net(seed=1) if METHODS.get(name).needs_teacher else None
     return create_method(
         name,
-        tiny_net(seed=0),
+        _student(name, tiny_net),
         teacher,
         context={"num_classes": 4, "num_train": 64, "epochs": 2, "steps_per_epoch": 4},
         **params,

@@ -72,6 +72,9 @@ class Method(nn.Module, abc.ABC):
     #: every training batch must carry ``Batch.negative``: one sample of another class per anchor (triplet KD, AMKD).
     needs_negatives: ClassVar[bool] = False
     trains_teacher: ClassVar[bool] = False
+    #: registry names of the students the method can train, or empty for any classifier (DATS needs the
+    #: attention-sampled ``dats_*`` networks); generic tests build the first one.
+    student_models: ClassVar[tuple[str, ...]] = ()
     #: the frozen, eval-mode teacher's only job is logits of ``batch.input``, asked through :meth:`teacher_outputs`,
     #: so they may be computed once per ``(view, sample)`` and reused when the data repeats
     #: (:mod:`kdforge.engine.teacher_cache`). A subclass that overrides ``forward_train`` must declare it again.
