@@ -73,10 +73,13 @@ def parse_formats(text: str | Sequence[str]) -> list[str]:
     return formats
 
 
-def _num_classes(cfg_num: int | None, dataset: str) -> int:
+def _num_classes(cfg_num: int | None, dataset: str, root: str | None = None) -> int:
     if cfg_num is not None:
         return cfg_num
     n = DATASETS.meta(dataset).get("num_classes") if dataset in DATASETS else None
+    if not n and root is not None and (Path(root) / "train").is_dir():
+        # An image-folder run: its classes are the training split's sub-folders (counted, not decoded).
+        n = len([p for p in (Path(root) / "train").iterdir() if p.is_dir() and not p.name.startswith(".")])
     if not n:
         raise ConfigError(f"cannot tell the class count of dataset '{dataset}'; pass model.num_classes=<N>")
     return int(n)
@@ -107,7 +110,7 @@ def load_run_model(checkpoint: str | Path, overrides: Mapping[str, Any] | None =
     cfg = config_from_dict(merged)
     name = cfg.model.name
     MODELS.get(name)  # an unknown name raises the registry's one-line "did you mean" error
-    num_classes = _num_classes(cfg.model.num_classes, cfg.data.name)
+    num_classes = _num_classes(cfg.model.num_classes, cfg.data.name, cfg.data.root)
     model = create_model(name, num_classes=num_classes)
     try:
         load_weights(model, state)

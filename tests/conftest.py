@@ -108,5 +108,22 @@ def tiny_net():
 
 
 @pytest.fixture
+def method_student(tiny_net):
+    """``make(method_name)``: the tiny test student, or the first registry network a method declares it needs
+    (``Method.student_models``, e.g. DATS's attention-sampled ``dats_resnet8``)."""
+    from kdforge.methods import METHODS
+    from kdforge.models import create_model
+
+    def make(name: str, num_classes: int = 4, seed: int = 0) -> nn.Module:
+        required = METHODS.get(name).student_models
+        if not required:
+            return tiny_net(num_classes, seed=seed)
+        torch.manual_seed(seed)
+        return create_model(required[0], num_classes=num_classes)
+
+    return make
+
+
+@pytest.fixture
 def nan_net():
     return NaNNet

@@ -30,9 +30,9 @@ def _batch(method, step: int) -> Batch:
     return batch
 
 
-def _make(name, tiny_net):
+def _make(name, tiny_net, method_student):
     teacher = tiny_net(seed=1) if METHODS.get(name).needs_teacher else None
-    method = create_method(name, tiny_net(seed=0), teacher, context=CONTEXT)
+    method = create_method(name, method_student(name), teacher, context=CONTEXT)
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     return method, optimizer
 
@@ -50,9 +50,9 @@ def _state(method) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_checkpoint_mid_run_then_the_next_step_is_bit_identical(name, tiny_net, tmp_path):
+def test_checkpoint_mid_run_then_the_next_step_is_bit_identical(name, tiny_net, method_student, tmp_path):
     seed_everything(0)
-    method, optimizer = _make(name, tiny_net)
+    method, optimizer = _make(name, tiny_net, method_student)
     method.train()
     method.on_epoch_start(0)
     for step in range(2):
@@ -68,7 +68,7 @@ def test_checkpoint_mid_run_then_the_next_step_is_bit_identical(name, tiny_net, 
     want = _state(method)
 
     seed_everything(123)  # another random state than the run had: only the checkpoint may restore it
-    fresh, fresh_opt = _make(name, tiny_net)
+    fresh, fresh_opt = _make(name, tiny_net, method_student)
     with torch.no_grad():
         for p in fresh.parameters():
             p.add_(1.0)  # weights that differ before loading

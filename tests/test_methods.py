@@ -30,11 +30,11 @@ def _batch_for(method) -> Batch:
     return _batch(views=1 if method.needs_views else 0, negatives=method.needs_negatives)
 
 
-def _make(name, tiny_net, **params):
+def _make(name, tiny_net, method_student, **params):
     teacher = tiny_net(seed=1) if METHODS.get(name).needs_teacher else None
     return create_method(
         name,
-        tiny_net(seed=0),
+        method_student(name),
         teacher,
         context={"num_classes": 4, "num_train": 64, "epochs": 2, "steps_per_epoch": 4},
         **params,
@@ -42,8 +42,8 @@ def _make(name, tiny_net, **params):
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_every_method_step_reaches_every_trainable_parameter(name, tiny_net):
-    method = _make(name, tiny_net)
+def test_every_method_step_reaches_every_trainable_parameter(name, tiny_net, method_student):
+    method = _make(name, tiny_net, method_student)
     method.train()
     out = method(_batch_for(method), PROGRESS)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
@@ -55,8 +55,8 @@ def test_every_method_step_reaches_every_trainable_parameter(name, tiny_net):
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_every_method_keeps_a_frozen_teacher_identical(name, tiny_net):
-    method = _make(name, tiny_net)
+def test_every_method_keeps_a_frozen_teacher_identical(name, tiny_net, method_student):
+    method = _make(name, tiny_net, method_student)
     if method.teacher is None:
         pytest.skip("no teacher")
     # Methods that fine-tune the teacher do it on a copy: the pretrained original (their anchor) stays frozen.
@@ -83,8 +83,8 @@ def test_every_method_is_listed_with_its_status(name):
     assert isinstance(method_defaults(METHODS.get(name)), dict)
 
 
-def test_kd_total_and_parts(tiny_net):
-    method = _make("kd", tiny_net, temperature=2.0, ce_weight=0.3, kd_weight=0.7)
+def test_kd_total_and_parts(tiny_net, method_student):
+    method = _make("kd", tiny_net, method_student, temperature=2.0, ce_weight=0.3, kd_weight=0.7)
     method.eval()  # deterministic BN for the reference computation
     batch = _batch()
     out = method(batch, PROGRESS)
@@ -103,8 +103,8 @@ def test_kd_with_teacher_equal_to_student_is_ce_only(tiny_net):
     assert out.losses["kd"].item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_vanilla_is_cross_entropy_and_exports_model(tiny_net):
-    method = _make("vanilla", tiny_net)
+def test_vanilla_is_cross_entropy_and_exports_model(tiny_net, method_student):
+    method = _make("vanilla", tiny_net, method_student)
     method.eval()
     batch = _batch()
     out = method(batch, PROGRESS)
@@ -112,8 +112,8 @@ def test_vanilla_is_cross_entropy_and_exports_model(tiny_net):
     assert set(method.exports()) == {"model"}
 
 
-def test_teacher_follows_to_and_train(tiny_net):
-    method = _make("kd", tiny_net)
+def test_teacher_follows_to_and_train(tiny_net, method_student):
+    method = _make("kd", tiny_net, method_student)
     method.to(torch.float64)
     assert next(method.teacher.parameters()).dtype == torch.float64
     method.train()

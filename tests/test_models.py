@@ -44,6 +44,10 @@ PARAMS = {
     "resnet18": 11_689_512,
     "resnet34": 21_797_672,
     "resnet50": 25_557_032,
+    # DATS main networks: the backbone plus a detail refiner of C·9 + C² + 4C parameters (C = last-stage channels).
+    "dats_resnet8": 83_892 + 64 * 9 + 64**2 + 4 * 64,
+    "dats_resnet20": 278_324 + 64 * 9 + 64**2 + 4 * 64,
+    "dats_resnet8x4": 1_233_540 + 256 * 9 + 256**2 + 4 * 256,
 }
 ALL = list_models()
 

@@ -76,6 +76,9 @@ class Method(nn.Module, abc.ABC):
     #: by scripts/make_configs.py). Defaults to ``needs_teacher``: a teacher-less method (vanilla, DML, PURF) has no
     #: pairs. A new distillation method declares ``False`` until its pair configs exist.
     standard_pairs: ClassVar[bool] = True
+    #: registry names of the students the method can train, or empty for any classifier (DATS needs the
+    #: attention-sampled ``dats_*`` networks); generic tests build the first one.
+    student_models: ClassVar[tuple[str, ...]] = ()
     #: the frozen, eval-mode teacher's only job is logits of ``batch.input``, asked through :meth:`teacher_outputs`,
     #: so they may be computed once per ``(view, sample)`` and reused when the data repeats
     #: (:mod:`kdforge.engine.teacher_cache`). A subclass that overrides ``forward_train`` must declare it again.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from kdforge.models import cifar, imagenet
+from kdforge.models import attention_sampled, cifar, imagenet
 from kdforge.models.base import KDModel
 from kdforge.models.features import FeatureInfo, Features
 from kdforge.models.loading import load_weights
@@ -57,6 +57,7 @@ __all__ = [
     "FeatureTap",
     "Features",
     "KDModel",
+    "attention_sampled",
     "cifar",
     "count_parameters",
     "create_model",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from typing import Any, ClassVar, Protocol
 
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class Reducer(Protocol):
@@ -61,3 +61,31 @@ class Evaluator(abc.ABC):
     def compute(self, reducer: Reducer | None = None) -> dict[str, float]:
         """Metrics over everything seen by every process. Rank 0 gets them all; other ranks may get ``{}`` where
         the metric needs gathered data."""
+
+
+class Task(abc.ABC):
+    """What a network is trained to do: its networks, its own loss, its post-processing and its evaluator.
+
+    Constructor arguments are typed keywords (``num_classes``, ``ignore_index``, ``reg_max``, ``bits``), read as the
+    task's config schema like a method's. A distillation method adds its terms to :meth:`loss`'s parts; it never
+    re-implements the task loss.
+    """
+
+    #: the task's name in configs and on the command line
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def build_model(self, arch: str, **kwargs: Any) -> nn.Module:
+        """The teacher or student network of this task called ``arch``."""
+
+    @abc.abstractmethod
+    def loss(self, outputs: Any, targets: Any) -> dict[str, Tensor]:
+        """The student's own task loss as named, already weighted parts (their sum is the task loss)."""
+
+    @abc.abstractmethod
+    def predict(self, outputs: Any) -> Any:
+        """Post-processing of raw network outputs into predictions (kept outside any exported graph)."""
+
+    @abc.abstractmethod
+    def evaluator(self) -> Evaluator:
+        """A fresh evaluator for this task's metrics."""

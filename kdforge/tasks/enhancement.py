@@ -1,0 +1,87 @@
+"""Low-light image enhancement: input the dark image, target the clean image ``[B, 3, H, W]`` in [0, 1].
+
+Task loss ``w1·L1 + ws·(1 − SSIM) + wg·L_grad`` (:func:`kdforge.losses.image.enhancement_loss`), networks from
+:data:`kdforge.models.dense.enhancer.ENHANCEMENT_MODELS`, prediction = the output clamped to [0, 1], metric = mean
+per-image PSNR (primary) and SSIM (:class:`kdforge.tasks.ops.image_metrics.EnhancementEvaluator`).
+docs/tasks/enhancement.md has the definitions, data and model numbers.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from kdforge.errors import ConfigError
+from kdforge.losses.image import Padding, enhancement_loss
+from kdforge.models.dense.enhancer import ENHANCEMENT_MODELS, EnhancerFeatures
+from kdforge.tasks.ops.image_metrics import EnhancementEvaluator
+
+
+def _image(outputs: Tensor | EnhancerFeatures) -> Tensor:
+    return outputs.out if isinstance(outputs, EnhancerFeatures) else outputs
+
+
+class EnhancementTask:
+    """Low-light enhancement.
+
+    Args:
+        l1_weight: weight of the L1 to the clean image.
+        ssim_weight: weight of ``1 − SSIM`` (reflect-padded; see :func:`kdforge.losses.image.ssim_loss`).
+        gradient_weight: weight of the L1 between finite-difference gradients (0: off).
+        ssim_padding: ``"reflect"`` or ``"valid"`` for the SSIM loss (the metric is always valid).
+    """
+
+    name: ClassVar[str] = "enhancement"
+
+    def __init__(
+        self,
+        l1_weight: float = 1.0,
+        ssim_weight: float = 1.0,
+        gradient_weight: float = 0.0,
+        ssim_padding: Padding = "reflect",
+    ) -> None:
+        for key, value in (
+            ("l1_weight", l1_weight),
+            ("ssim_weight", ssim_weight),
+            ("gradient_weight", gradient_weight),
+        ):
+            if not value >= 0:
+                raise ConfigError(f"enhancement {key} must be >= 0, got {value}")
+        if l1_weight == ssim_weight == gradient_weight == 0:
+            raise ConfigError("enhancement loss weights are all zero; set l1_weight, ssim_weight or gradient_weight")
+        if ssim_padding not in ("reflect", "valid"):
+            raise ConfigError(f"ssim_padding must be 'reflect' or 'valid', got {ssim_padding!r}")
+        self.l1_weight, self.ssim_weight, self.gradient_weight = (
+            float(l1_weight),
+            float(ssim_weight),
+            float(gradient_weight),
+        )
+        self.ssim_padding: Padding = ssim_padding
+
+    def build_model(self, arch: str, **kw: object) -> nn.Module:
+        """A teacher or student enhancer by name (``unet_enhancer_w32`` teacher, ``_w12`` / ``_w8`` students)."""
+        if arch not in ENHANCEMENT_MODELS:
+            raise ConfigError(f"unknown enhancement model {arch!r}; choose one of {sorted(ENHANCEMENT_MODELS)}")
+        if kw:
+            raise ConfigError(f"enhancement model {arch!r} takes no options, got {sorted(kw)}")
+        return ENHANCEMENT_MODELS[arch]()
+
+    def loss(self, outputs: Tensor | EnhancerFeatures, targets: Tensor) -> dict[str, Tensor]:
+        """Named weighted parts ``{"l1", "ssim", "gradient"}`` (weight-0 parts left out) of the raw output."""
+        return enhancement_loss(
+            _image(outputs),
+            targets,
+            l1_weight=self.l1_weight,
+            ssim_weight=self.ssim_weight,
+            gradient_weight=self.gradient_weight,
+            ssim_padding=self.ssim_padding,
+        )
+
+    def predict(self, outputs: Tensor | EnhancerFeatures) -> Tensor:
+        """The enhanced image clamped to [0, 1], ``[B, 3, H, W]``."""
+        return _image(outputs).clamp(0.0, 1.0)
+
+    def evaluator(self) -> EnhancementEvaluator:
+        """Mean PSNR (primary) and SSIM, data range 1.0."""
+        return EnhancementEvaluator(data_range=1.0)
