@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdforge.tasks.ops import boxes as B
+from kdforge.ops import boxes as B
 
 
 def _random_boxes(rng: np.random.Generator, n: int, degenerate: bool = True) -> np.ndarray:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdforge.tasks.ops.classification_metrics import (
+from kdforge.ops.classification_metrics import (
     confusion_matrix,
     per_class_scores,
     roc_curve,

@@ -16,8 +16,8 @@ from kdforge.losses.detection import (
     integral,
     quality_focal_loss,
 )
+from kdforge.ops.assign import atss_assign, grid_points
 from kdforge.tasks.detection import DetectionTask
-from kdforge.tasks.ops.assign import atss_assign, grid_points
 
 # ---------------------------------------------------------------- ATSS
 

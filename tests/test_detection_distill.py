@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kdforge.losses.detection import ld_kl, ld_loss, ld_vlr_loss, pkd_loss
+from kdforge.ops.assign import grid_points, vlr_region
 from kdforge.tasks.detection import DetectionTask
-from kdforge.tasks.ops.assign import grid_points, vlr_region
 
 # ---------------------------------------------------------------- LD
 

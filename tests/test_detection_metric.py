@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from kdforge.ops.coco_eval import IOU_THRESHOLDS, RECALL_THRESHOLDS
 from kdforge.tasks.detection import DetectionEvaluator, Detections
-from kdforge.tasks.ops.coco_eval import IOU_THRESHOLDS, RECALL_THRESHOLDS
 
 KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 NUM_CLASSES = 5  # class 4 never has ground truth: -1 for it, left out of the means

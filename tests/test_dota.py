@@ -12,7 +12,7 @@ from PIL import Image
 
 from kdforge.data.dota import DOTA_V1_CLASSES, DotaDataset, collate_dota, parse_dota_labels
 from kdforge.errors import DataError
-from kdforge.tasks.ops.rotated import rbox_to_poly
+from kdforge.ops.rotated import rbox_to_poly
 
 
 def _write(root, stem, lines, size=(20, 12), suffix=".png"):

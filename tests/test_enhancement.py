@@ -23,9 +23,9 @@ from kdforge.losses.image import (
 )
 from kdforge.models import count_parameters
 from kdforge.models.dense.enhancer import ENHANCEMENT_MODELS, EnhancerFeatures, UNetEnhancer
+from kdforge.ops.image_metrics import psnr
 from kdforge.profile import count_macs
-from kdforge.tasks.enhancement import EnhancementTask
-from kdforge.tasks.ops.image_metrics import EnhancementEvaluator, psnr
+from kdforge.tasks.enhancement import EnhancementEvaluator, EnhancementTask
 
 # ------------------------------------------------------------------------------------------ numpy references
 

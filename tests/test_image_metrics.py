@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from kdforge.ops.image_metrics import default_data_range, psnr, ssim
 from kdforge.tasks.base import LocalReducer
-from kdforge.tasks.ops.image_metrics import EnhancementEvaluator, default_data_range, psnr, ssim
+from kdforge.tasks.enhancement import EnhancementEvaluator
 
 skm = pytest.importorskip("skimage.metrics")
 

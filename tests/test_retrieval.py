@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdforge.tasks.hashing import HashingEvaluator
-from kdforge.tasks.ops.retrieval import (
+from kdforge.ops.retrieval import (
     evaluate_retrieval,
     hamming_distance,
     mean_average_precision,
@@ -15,6 +14,7 @@ from kdforge.tasks.ops.retrieval import (
     rank_database,
     relevance,
 )
+from kdforge.tasks.hashing import HashingEvaluator
 
 
 def _codes(rng: np.random.Generator, n: int, bits: int) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kdforge.errors import DataError
-from kdforge.tasks.ops.rotated import rbox_to_poly
+from kdforge.ops.rotated import rbox_to_poly
 from kdforge.tasks.rotated_metrics import IOU_THRESHOLDS, OrientedEvaluator, voc_ap
 
 shapely_geometry = pytest.importorskip("shapely.geometry")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdforge.tasks.ops import rotated as R
-from kdforge.tasks.ops.rotated import (
+from kdforge.ops import rotated as R
+from kdforge.ops.rotated import (
     flip_rboxes,
     hbb_to_rbox,
     min_area_rect,

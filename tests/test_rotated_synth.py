@@ -11,7 +11,7 @@ import torch
 
 from kdforge.data.synth.oriented import make_oriented_split, make_oriented_synth, random_flip_rot90
 from kdforge.errors import DataError
-from kdforge.tasks.ops.rotated import rasterize_rboxes, rbox_intersection, rbox_to_poly
+from kdforge.ops.rotated import rasterize_rboxes, rbox_intersection, rbox_to_poly
 
 
 @pytest.fixture(scope="module")

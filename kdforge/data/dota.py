@@ -8,7 +8,7 @@ Layout (DOTA's own, and what DOTA_devkit's ``ImgSplit`` writes)::
 A label file holds optional header lines ``imagesource:…`` and ``gsd:…`` (skipped), blank lines (skipped), and one
 object per line: ``x1 y1 x2 y2 x3 y3 x4 y4 class difficult`` (whitespace-separated; ``difficult`` is ``0`` or ``1``
 and may be left out, meaning 0, as DOTA_devkit's ``parse_gt`` reads it). The polygon becomes an le90 rotated box by
-:func:`kdforge.tasks.ops.rotated.poly_to_rbox` (its minimum-area rectangle, the rule of mmrotate's
+:func:`kdforge.ops.rotated.poly_to_rbox` (its minimum-area rectangle, the rule of mmrotate's
 ``poly2obb_np_le90``); degenerate polygons are kept (a zero-height box), not dropped.
 
 Class names map to ids by their position in ``classes`` when given (a name outside it is an error); otherwise the
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from kdforge.errors import DataError
-from kdforge.tasks.ops.rotated import poly_to_rbox
+from kdforge.ops.rotated import poly_to_rbox
 
 DOTA_V1_CLASSES: tuple[str, ...] = (
     "plane",

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdforge.tasks.ops.boxes import elementwise_giou
+from kdforge.ops.boxes import elementwise_giou
 
 #: GFL's default loss weights (mmdet ``configs/gfl/gfl_r50_fpn_1x_coco.py``): QFL 1.0, GIoU 2.0, DFL 0.25
 GFL_WEIGHTS: dict[str, float] = {"qfl": 1.0, "giou": 2.0, "dfl": 0.25}
@@ -189,7 +189,7 @@ def ld_vlr_loss(
 ) -> Tensor:
     """LD on the valuable localisation region (HikariTJU/LD ``LDHead``: ``loss_ld_neg = 0.25 * loss_ld(...)``).
 
-    Every point with ``region > 0`` (see :func:`kdforge.tasks.ops.assign.vlr_region`) contributes its 4 edges'
+    Every point with ``region > 0`` (see :func:`kdforge.ops.assign.vlr_region`) contributes its 4 edges'
     :func:`ld_kl`, weighted by its region value (an anchor IoU), summed and divided by 4. The default weight is LD's
     ``0.25`` factor times the LD loss weight ``0.25``.
 

@@ -1,7 +1,7 @@
 """Image-restoration losses: SSIM, finite-difference gradients, and low-light enhancement distillation.
 
-The SSIM kernel here (:func:`ssim_map`) is the one the PSNR/SSIM metric of :mod:`kdforge.tasks.ops.image_metrics`
-uses too, so the loss and the reported number cannot drift apart: a Gaussian window of 11 taps, σ = 1.5
+The SSIM kernel (:func:`kdforge.ops.image_metrics.ssim_map`) is the one the PSNR/SSIM metric uses too, so the loss
+and the reported number cannot drift apart: a Gaussian window of 11 taps, σ = 1.5
 (scikit-image ``structural_similarity(gaussian_weights=True)``, Wang et al. 2004), K1 = 0.01, K2 = 0.03 and the
 population (biased) covariance. The metric keeps only the *valid* region (every window inside the image, as
 scikit-image's crop of ``(win_size − 1) // 2`` pixels per side); the training loss pads by reflection so that every
@@ -20,112 +20,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdforge.losses.feature import at_loss, hint_loss
-
-SSIM_WIN_SIZE = 11
-SSIM_SIGMA = 1.5
-SSIM_K1 = 0.01
-SSIM_K2 = 0.03
-
-Padding = Literal["valid", "reflect"]
-
-
-def _work_dtype(t: Tensor) -> torch.dtype:
-    # float32 at least (bf16/fp16/uint8 inputs are promoted); float64 inputs keep double precision.
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def gaussian_window(
-    win_size: int = SSIM_WIN_SIZE,
-    sigma: float = SSIM_SIGMA,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Normalized 1-D Gaussian taps ``exp(−x²/2σ²) / Σ``, ``x = −r..r``, ``r = (win_size − 1) / 2``.
-
-    scipy's ``gaussian_filter`` with ``truncate = 3.5`` (what scikit-image passes for SSIM) uses radius
-    ``int(3.5·1.5 + 0.5) = 5``, i.e. exactly these 11 taps; the 2-D window is their outer product.
-
-    Returns:
-        ``[win_size]``.
-    """
-    if win_size < 1 or win_size % 2 == 0:
-        raise ValueError(f"win_size must be a positive odd integer, got {win_size}")
-    x = torch.arange(win_size, dtype=torch.float64, device=device) - (win_size - 1) / 2
-    w = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (w / w.sum()).to(dtype)
-
-
-def ssim_map(
-    x: Tensor,
-    y: Tensor,
-    data_range: float = 1.0,
-    *,
-    padding: Padding = "valid",
-    win_size: int = SSIM_WIN_SIZE,
-    sigma: float = SSIM_SIGMA,
-    k1: float = SSIM_K1,
-    k2: float = SSIM_K2,
-) -> Tensor:
-    """Per-pixel, per-channel SSIM ``(2μxμy + C1)(2σxy + C2) / ((μx² + μy² + C1)(σx² + σy² + C2))``.
-
-    Wang, Bovik, Sheikh & Simoncelli, "Image quality assessment: from error visibility to structural similarity",
-    IEEE TIP 2004, with scikit-image's ``structural_similarity(gaussian_weights=True, sigma=1.5,
-    use_sample_covariance=False)`` conventions (``skimage/metrics/_structural_similarity.py``): local moments by a
-    separable Gaussian filter, population covariance ``σxy = E[xy] − μxμy``, ``C1 = (K1·L)²``, ``C2 = (K2·L)²``.
-
-    Args:
-        x, y: ``[B, C, H, W]`` (same shape), values on a scale of ``data_range``.
-        data_range: ``L``, the dynamic range (1.0 for images in [0, 1], 255 for uint8 values).
-        padding: ``"valid"``: only windows fully inside the image, output ``[B, C, H − win + 1, W − win + 1]``
-            (scikit-image filters with ``mode='reflect'`` and then crops ``(win − 1) // 2`` pixels per side, which
-            leaves exactly these windows, so its border mode never reaches the mean). ``"reflect"``: the image is
-            mirror-padded (``torch`` reflect, edge not repeated) and the output is ``[B, C, H, W]``.
-        win_size, sigma, k1, k2: the window and the stabilizing constants.
-
-    Returns:
-        The SSIM map, float32 (float64 for float64 inputs). Differentiable in ``x`` and ``y``.
-    """
-    if x.shape != y.shape or x.dim() != 4:
-        raise ValueError(
-            f"ssim_map needs two [B, C, H, W] tensors of one shape, got {tuple(x.shape)}, {tuple(y.shape)}"
-        )
-    dtype = _work_dtype(x)
-    x, y = x.to(dtype), y.to(dtype)
-    _, c, h, w = x.shape
-    r = (win_size - 1) // 2
-    if padding == "reflect":
-        if min(h, w) <= r:
-            raise ValueError(f"reflect-padded SSIM needs images larger than {r} px per side, got {h}×{w}")
-    elif padding == "valid":
-        if min(h, w) < win_size:
-            raise ValueError(f"valid SSIM needs images of at least {win_size}×{win_size} px, got {h}×{w}")
-    else:
-        raise ValueError(f"padding must be 'valid' or 'reflect', got {padding!r}")
-    g = gaussian_window(win_size, sigma, dtype=dtype, device=x.device)
-    # One grouped, separable convolution filters all five moment images of every channel at once.
-    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # [B, 5C, H, W]
-    if padding == "reflect":
-        stack = F.pad(stack, (r, r, r, r), mode="reflect")
-    n = stack.shape[1]
-    # Autocast would run these convolutions in half precision; E[x²] − μ² then cancels catastrophically.
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        stack = F.conv2d(stack, g.view(1, 1, 1, -1).expand(n, 1, 1, win_size), groups=n)
-        stack = F.conv2d(stack, g.view(1, 1, -1, 1).expand(n, 1, win_size, 1), groups=n)
-    mx, my, exx, eyy, exy = stack.split(c, dim=1)
-    vx = exx - mx * mx
-    vy = eyy - my * my
-    vxy = exy - mx * my
-    c1 = (k1 * data_range) ** 2
-    c2 = (k2 * data_range) ** 2
-    return ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+from kdforge.ops.image_metrics import Padding, ssim_map, work_dtype
 
 
 def ssim_loss(pred: Tensor, target: Tensor, data_range: float = 1.0, *, padding: Padding = "reflect") -> Tensor:
@@ -157,7 +57,7 @@ def image_gradients(x: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ``dx`` ``[B, C, H, W − 1]`` and ``dy`` ``[B, C, H − 1, W]``, in the working dtype.
     """
-    x = x.to(_work_dtype(x))
+    x = x.to(work_dtype(x))
     return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
 
 
@@ -186,7 +86,7 @@ def l1_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Mean absolute error ``mean|P − T|`` over every element. Scalar float32 (float64 for float64 inputs)."""
     if pred.shape != target.shape:
         raise ValueError(f"l1_loss shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
-    dtype = _work_dtype(pred)
+    dtype = work_dtype(pred)
     return (pred.to(dtype) - target.detach().to(dtype)).abs().mean()
 
 

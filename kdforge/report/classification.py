@@ -1,7 +1,7 @@
 """The classification report ``kdforge eval`` gives on request: per-class precision/recall/F1, the confusion matrix
 (printed and as a PNG), top-k accuracy and, for two classes, the ROC curve with its AUC and a threshold table.
 
-Computed from the whole test split's logits by :mod:`kdforge.tasks.ops.classification_metrics`; the definitions are
+Computed from the whole test split's logits by :mod:`kdforge.ops.classification_metrics`; the definitions are
 scikit-learn's, so the numbers compare with a user's own scripts.
 """
 
@@ -17,14 +17,14 @@ import torch
 from torch import Tensor
 
 from kdforge.engine.checkpoint import atomic_write_text
-from kdforge.report.plots import _pyplot, _save
-from kdforge.tasks.ops.classification_metrics import (
+from kdforge.ops.classification_metrics import (
     RocCurve,
     confusion_matrix,
     per_class_scores,
     roc_curve,
     topk_correct,
 )
+from kdforge.report.plots import _pyplot, _save
 
 
 @dataclass

@@ -22,10 +22,10 @@ from torch import Tensor, nn
 
 from kdforge.losses.detection import GFL_WEIGHTS, gfl_loss, integral
 from kdforge.models.dense.detection import DETECTION_MODELS
+from kdforge.ops.assign import atss_assign, grid_points, vlr_region
+from kdforge.ops.boxes import batched_nms, box_area, elementwise_iou
+from kdforge.ops.coco_eval import ImageRecord, coco_box_metrics
 from kdforge.tasks.base import Evaluator, Reducer
-from kdforge.tasks.ops.assign import atss_assign, grid_points, vlr_region
-from kdforge.tasks.ops.boxes import batched_nms, box_area, elementwise_iou
-from kdforge.tasks.ops.coco_eval import ImageRecord, coco_box_metrics
 
 Outputs = tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | tuple[list[Tensor], list[Tensor]]
 
@@ -85,7 +85,7 @@ class Detections:
 
 
 class DetectionEvaluator(Evaluator):
-    """COCO box AP/AR over a split (our implementation of pycocotools' ``COCOeval``, see ``tasks/ops/coco_eval``).
+    """COCO box AP/AR over a split (our implementation of pycocotools' ``COCOeval``, see ``kdforge.ops.coco_eval``).
 
     ``update`` keeps each image's detections and ground truth (on the CPU); ``compute`` gathers every process's
     images to rank 0, orders them by image id (dropping repeats a distributed sampler pads with), and scores them.
@@ -245,7 +245,7 @@ class DetectionTask:
         self, outputs: Outputs | FlatOutputs, targets: Mapping[str, Tensor], alpha: float = 0.25
     ) -> Tensor:
         """LD's valuable localisation region ``[B, N]`` (anchor IoU inside, 0 outside) with this task's ATSS settings;
-        crowd and padding gts take no part. See :func:`kdforge.tasks.ops.assign.vlr_region`."""
+        crowd and padding gts take no part. See :func:`kdforge.ops.assign.vlr_region`."""
         flat = outputs if isinstance(outputs, FlatOutputs) else self.flatten(outputs)
         valid = targets["labels"] >= 0
         if "iscrowd" in targets:

@@ -2,20 +2,62 @@
 
 Task loss ``w1·L1 + ws·(1 − SSIM) + wg·L_grad`` (:func:`kdforge.losses.image.enhancement_loss`), networks from
 :data:`kdforge.models.dense.enhancer.ENHANCEMENT_MODELS`, prediction = the output clamped to [0, 1], metric = mean
-per-image PSNR (primary) and SSIM (:class:`kdforge.tasks.ops.image_metrics.EnhancementEvaluator`).
+per-image PSNR (primary) and SSIM (:class:`EnhancementEvaluator` over :mod:`kdforge.ops.image_metrics`).
 docs/tasks/enhancement.md has the definitions, data and model numbers.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from kdforge.errors import ConfigError
 from kdforge.losses.image import Padding, enhancement_loss
 from kdforge.models.dense.enhancer import ENHANCEMENT_MODELS, EnhancerFeatures
-from kdforge.tasks.ops.image_metrics import EnhancementEvaluator
+from kdforge.ops.image_metrics import psnr, ssim
+from kdforge.tasks.base import Evaluator, Reducer
+
+
+class EnhancementEvaluator(Evaluator):
+    """Mean per-image PSNR and SSIM over a split (each image weighs the same whatever its size).
+
+    State: the float64 sums of per-image PSNR and SSIM and the image count, all-reduced by ``compute``; a split cut
+    over several processes therefore gives the one-process numbers up to float64 summation order.
+
+    Args:
+        data_range: ``L`` of the predictions and targets (1.0 for [0, 1] images).
+    """
+
+    primary: ClassVar[str] = "psnr"
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, data_range: float = 1.0) -> None:
+        self.data_range = float(data_range)
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums: Tensor | None = None  # [psnr_sum, ssim_sum, count] float64 on the data's device
+
+    def update(self, preds: Any, targets: Any) -> None:
+        """Add a batch of predictions ``[B, 3, H, W]`` (clamped to [0, 1] by the task) and clean images."""
+        pred, target = preds, targets
+        dtype = torch.float32 if pred.device.type == "mps" else torch.float64  # MPS has no float64
+        p = psnr(pred.to(dtype), target.to(dtype), self.data_range)
+        s = ssim(pred.to(dtype), target.to(dtype), self.data_range)
+        count = torch.tensor(float(p.numel()), dtype=dtype, device=p.device)
+        batch = torch.stack([p.sum(), s.sum(), count]).to(dtype)
+        self._sums = batch if self._sums is None else self._sums + batch.to(self._sums.device)
+
+    def compute(self, reducer: Reducer | None = None) -> dict[str, float]:
+        sums = self._sums if self._sums is not None else torch.zeros(3, dtype=torch.float64)
+        if reducer is not None:
+            sums = reducer.sum(sums)
+        psnr_sum, ssim_sum, count = (float(v) for v in sums.tolist())
+        if count == 0:
+            return {"psnr": float("nan"), "ssim": float("nan"), "num_images": 0.0}
+        return {"psnr": psnr_sum / count, "ssim": ssim_sum / count, "num_images": count}
 
 
 def _image(outputs: Tensor | EnhancerFeatures) -> Tensor:

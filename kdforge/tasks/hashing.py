@@ -2,7 +2,7 @@
 
 The task's own loss is CIBHash's (zexuanqiu/CIBHash, IJCAI 2021) on two augmented views of every image
 (:func:`kdforge.losses.hashing.cibhash_loss`); predictions are ``±1`` codes; the metric is Hamming-ranking mAP
-(:mod:`kdforge.tasks.ops.retrieval`, docs/tasks/hashing.md). Distillation terms (code matching, contrastive code KD,
+(:mod:`kdforge.ops.retrieval`, docs/tasks/hashing.md). Distillation terms (code matching, contrastive code KD,
 BRCD) live in :mod:`kdforge.losses.hashing`.
 """
 
@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from kdforge.errors import ConfigError
 from kdforge.losses.hashing import cibhash_loss
 from kdforge.models.dense.hashing import HASHING_MODELS, binary_codes, build_hashing_model
+from kdforge.ops.retrieval import evaluate_retrieval, precision_recall_by_radius
 from kdforge.tasks.base import Evaluator, LocalReducer, Reducer
-from kdforge.tasks.ops.retrieval import evaluate_retrieval, precision_recall_by_radius
 
 SUPPORTED_BITS = (16, 32, 64)
 

@@ -1,7 +1,7 @@
 """DOTA-style mean average precision for oriented boxes (docs/tasks/oriented.md §3).
 
 Rules of DOTA_devkit's ``dota_evaluation_task1.py`` (``voc_eval`` and ``voc_ap``, github.com/CAPTAIN-WHU/DOTA_devkit),
-with the polygon IoU replaced by :func:`kdforge.tasks.ops.rotated.rbox_iou`:
+with the polygon IoU replaced by :func:`kdforge.ops.rotated.rbox_iou`:
 
 * per class, detections are visited by descending score; each one looks at the ground truth of its image and class
   with the highest IoU (the first one on ties), whether or not that ground truth is already taken;
@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from kdforge.errors import ConfigError, DataError
+from kdforge.ops.rotated import rbox_iou, rbox_overlap
 from kdforge.tasks.base import Evaluator, LocalReducer, Reducer
-from kdforge.tasks.ops.rotated import rbox_iou, rbox_overlap
 
 #: IoU thresholds of mAP50:95 (index 0 is 0.5, index 5 is 0.75)
 IOU_THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdforge.errors import DataError
-from kdforge.tasks.ops.rotated import flip_rboxes, rasterize_rboxes, rbox_overlap, rot90_rboxes
+from kdforge.ops.rotated import flip_rboxes, rasterize_rboxes, rbox_overlap, rot90_rboxes
 
 # canvases rendered at once (each holds up to max_objects float32 [3, S, S] object images)
 _RENDER_CHUNK = 256

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdforge.tasks.ops.boxes import box_iou
+from kdforge.ops.boxes import box_iou
 
 
 def grid_points(
