@@ -7,6 +7,7 @@ Golden values are computed here with numpy from the formulas of the reference co
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 
 import numpy as np
@@ -338,3 +339,70 @@ def test_seed_pairs_student_init_and_data_order_across_methods(tmp_path):
                 assert torch.equal(i, i0) and torch.equal(x, x0)  # the same order and the same crops/flips
     a, b = (next(s for s in seen if s[0] == seed) for seed in (3, 4))
     assert not _same_state(a[1], b[1]) and not torch.equal(a[2][0][0], b[2][0][0])  # seeds do differ
+
+
+# ---- the protocol script: validation split and paired statistics ---------------------------------------------------
+
+
+def _protocol():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "atf_protocol.py"
+    spec = importlib.util.spec_from_file_location("atf_protocol", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_validation_split_is_disjoint_balanced_and_keeps_the_students_images(tmp_path):
+    from kdforge.data import balanced_subset
+    from kdforge.data.cifar import load_jpeg_npz
+
+    proto = _protocol()
+    labels = np.repeat(np.arange(10), 50)[np.random.default_rng(0).permutation(500)]
+    students, val = proto.split_indices(labels, 200, 100)
+    assert np.array_equal(students, balanced_subset(labels, 200))  # what data.train_subset=200 trains on
+    assert not set(students) & set(val) and len(val) == 100
+    assert np.bincount(labels[val], minlength=10).tolist() == [10] * 10
+    # A tiny JPEG .npz: the written file's train split is exactly the students' images, its test split the rest.
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (500, 8, 8, 3), dtype=np.uint8)
+    blobs = []
+    for img in images:
+        import io
+
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=95)
+        blobs.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+    src = tmp_path / "src.npz"
+    np.savez(
+        src, train_jpeg=np.concatenate(blobs), train_offsets=offsets, train_labels=labels,
+        test_jpeg=blobs[0], test_offsets=np.array([0, len(blobs[0])]), test_labels=labels[:1],
+        classes=np.array([str(c) for c in range(10)]),
+    )  # fmt: skip
+    out = proto.write_split(src, tmp_path / "val.npz", 200, 100)
+    full, split = load_jpeg_npz(src, cache=False), load_jpeg_npz(out, cache=False)
+    assert np.array_equal(split.train_images, full.train_images[students])
+    assert np.array_equal(split.train_labels, labels[students])
+    assert np.array_equal(split.test_images, full.train_images[val])
+
+
+def test_paired_t_interval_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    proto = _protocol()
+    for df in (1, 4, 9, 29, 30, 31, 60, 200):
+        assert proto.t_critical(df) == pytest.approx(stats.t.ppf(0.975, df), abs=2e-3)
+    a = {0: 60.1, 1: 61.0, 2: 59.7, 3: 60.4, 4: 60.9, 7: 50.0}
+    b = {0: 59.5, 1: 60.2, 2: 59.9, 3: 59.8, 4: 60.0, 8: 70.0}
+    p = proto.paired_difference(a, b)  # seeds 7 and 8 have no partner and are left out
+    d = np.array([0.6, 0.8, -0.2, 0.6, 0.9])
+    lo, hi = stats.t.interval(0.95, 4, loc=d.mean(), scale=d.std(ddof=1) / np.sqrt(5))
+    assert p.n == 5 and p.mean == pytest.approx(d.mean())
+    assert (p.low, p.high) == pytest.approx((lo, hi), abs=1e-3)
+    assert p.excludes_zero == (lo > 0 or hi < 0)
+    assert proto.paired_difference(a, {9: 1.0}) is None
