@@ -208,6 +208,44 @@ def _wait_for_teacher(poll_s: float = 60.0) -> None:
         time.sleep(poll_s)
 
 
+def step_flops(method_name: str, params: Mapping[str, object], batch: int = 32) -> int:
+    """FLOPs of one training step (forward and backward) of resnet20 → resnet8 at 32×32, counted by
+    ``torch.utils.flop_counter``: the step's cost without the noise of a shared machine's timing."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kdforge.data.batch import Batch
+    from kdforge.methods import Progress, create_method
+    from kdforge.models import create_model
+
+    torch.manual_seed(0)
+    method = create_method(
+        method_name, create_model("resnet8", num_classes=10), create_model("resnet20", num_classes=10), **params
+    )
+    method.train()
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    with FlopCounterMode(display=False) as counter:
+        method(Batch(x, y, torch.arange(batch)), Progress(0, 0, 0.0, 0.0)).loss.backward()
+    return counter.get_total_flops()
+
+
+COST_SETTINGS: dict[str, dict[str, object]] = {
+    "atf (defaults)": {},
+    "atf teacher_every=2 (the update steps)": {"teacher_every": 2},
+    "atf teacher_scope=all": {"teacher_scope": "all"},
+    "atf first version (teacher_scope=all anchor=kl)": {"teacher_scope": "all", "anchor": "kl"},
+    "atf variant=shadow": {"variant": "shadow"},
+}
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    kd = step_flops("kd", {})
+    print(f"KD: {kd / 1e9:.2f} GFLOPs per step at batch 32")
+    for label, params in COST_SETTINGS.items():
+        print(f"{label}: {step_flops('atf', params) / kd:.2f}x KD")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from kdforge.sweep import load_sweep, plan_summary, run_sweep
 
@@ -241,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_split = sub.add_parser("split", help="write the validation .npz")
     p_split.add_argument("--source", type=Path, default=SOURCE)
     p_split.add_argument("--out", type=Path, default=RUNS / "data" / "val.npz")
+    sub.add_parser("flops", help="FLOPs per training step of ATF's settings relative to KD's")
     for name in ("run", "report"):
         p = sub.add_parser(name)
         p.add_argument("--stage", choices=sorted(SWEEPS), default="validation")
@@ -250,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "split":
         print(write_split(args.source, args.out))
         return 0
-    return cmd_run(args) if args.command == "run" else cmd_report(args)
+    commands = {"run": cmd_run, "report": cmd_report, "flops": cmd_flops}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":
