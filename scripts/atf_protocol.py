@@ -180,15 +180,32 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def markdown(final: Mapping[str, Mapping[int, float]], teacher: Mapping[str, Mapping[int, float]], split: str) -> str:
+def sweep_settings(path: Path) -> dict[str, str]:
+    """``{label: "key value, ..."}``: what each row of a sweep file sets (its overrides, as written)."""
+    import yaml
+
+    methods = yaml.safe_load(path.read_text()).get("methods") or {}
+    return {
+        str(label): ", ".join(f"{k.removeprefix('method.')} {v}" for k, v in (entry or {}).items()) or "defaults"
+        for label, entry in methods.items()
+    }
+
+
+def markdown(
+    final: Mapping[str, Mapping[int, float]],
+    teacher: Mapping[str, Mapping[int, float]],
+    split: str,
+    settings: Mapping[str, str] | None = None,
+) -> str:
     """Per-label mean ± std of the final top-1 and the paired differences against the baselines present."""
+    settings = settings or {}
     baselines = [b for b in BASELINES if b in final]
-    head = ["setting", "seeds", f"final {split} top-1 (%)", "tuned teacher (%)"]
+    head = ["setting", "overrides", "seeds", f"final {split} top-1 (%)", "tuned teacher (%)"]
     head += [f"Δ vs {b} [95 % CI]" for b in baselines]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, runs in final.items():
         seeds = sorted(runs)
-        cells = [label, ",".join(map(str, seeds)), _mean_std([runs[s] for s in seeds])]
+        cells = [label, settings.get(label, ""), ",".join(map(str, seeds)), _mean_std([runs[s] for s in seeds])]
         t = teacher.get(label, {})
         cells.append(_mean_std([t[s] for s in sorted(t)]) if t else "")
         for b in baselines:
@@ -199,6 +216,14 @@ def markdown(final: Mapping[str, Mapping[int, float]], teacher: Mapping[str, Map
 
 
 # ---- commands ----------------------------------------------------------------------------------------------------
+
+
+def _teacher_line() -> str:
+    path = TEACHER / "summary.json"
+    if not path.is_file():
+        return "Teacher: not finished.\n\n"
+    summary = json.loads(path.read_text())
+    return f"Teacher resnet20: {float(summary['final_top1']):.2f} % top-1 on the 10,000 test images (final epoch).\n\n"
 
 
 def _wait_for_teacher(poll_s: float = 60.0) -> None:
@@ -257,7 +282,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(plan_summary(plan), flush=True)
     result = run_sweep(plan, log=lambda s: print(f"{time.strftime('%H:%M:%S')} {s}", flush=True))
     final, teacher = collect(plan.out)
-    print(markdown(final, teacher, args.stage))
+    print(_teacher_line() + markdown(final, teacher, args.stage, sweep_settings(SWEEPS[args.stage])))
     return 1 if result.failed else 0
 
 
@@ -266,7 +291,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     root = load_sweep(SWEEPS[args.stage]).out
     final, teacher = collect(root)
-    table = markdown(final, teacher, args.stage)
+    table = _teacher_line() + markdown(final, teacher, args.stage, sweep_settings(SWEEPS[args.stage]))
     if args.markdown:
         Path(args.markdown).write_text(table)
     print(table)

@@ -406,3 +406,25 @@ def test_paired_t_interval_matches_scipy():
     assert (p.low, p.high) == pytest.approx((lo, hi), abs=1e-3)
     assert p.excludes_zero == (lo > 0 or hi < 0)
     assert proto.paired_difference(a, {9: 1.0}) is None
+
+
+def test_protocol_report_reads_sweep_runs_and_pairs_by_seed(tmp_path):
+    import json
+
+    proto = _protocol()
+    values = {"kd": [60.0, 61.0, 59.0], "atf": [61.0, 61.5, 60.0]}
+    for label, tops in values.items():
+        for seed, top in enumerate(tops):
+            run = tmp_path / "cifar10_jpeg" / "resnet20_resnet8" / label / f"seed{seed}"
+            run.mkdir(parents=True)
+            summary = {"final_top1": top, "best_top1": top + 1}
+            if label == "atf":
+                summary["teacher_top1"] = 70.0 + seed
+            (run / "summary.json").write_text(json.dumps(summary))
+    final, teacher = proto.collect(tmp_path)
+    assert final == {"atf": {0: 61.0, 1: 61.5, 2: 60.0}, "kd": {0: 60.0, 1: 61.0, 2: 59.0}}
+    assert teacher == {"atf": {0: 70.0, 1: 71.0, 2: 72.0}}
+    table = proto.markdown(final, teacher, "validation", {"atf": "alpha 0.5"})
+    row = next(line for line in table.splitlines() if line.startswith("| atf "))
+    # Differences 1.0, 0.5, 1.0: mean 0.833, sd 0.289, half-width t(0.975, 2)·sd/√3 = 4.303·0.1667 = 0.717.
+    assert row == "| atf | alpha 0.5 | 0,1,2 | 60.83 ± 0.76 | 71.00 ± 1.00 | +0.83 [+0.12, +1.55] (n=3) |"
