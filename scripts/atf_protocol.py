@@ -256,18 +256,65 @@ def step_flops(method_name: str, params: Mapping[str, object], batch: int = 32) 
 
 COST_SETTINGS: dict[str, dict[str, object]] = {
     "atf (defaults)": {},
-    "atf teacher_every=2 (the update steps)": {"teacher_every": 2},
     "atf teacher_scope=all": {"teacher_scope": "all"},
     "atf first version (teacher_scope=all anchor=kl)": {"teacher_scope": "all", "anchor": "kl"},
     "atf variant=shadow": {"variant": "shadow"},
 }
 
 
-def cmd_flops(args: argparse.Namespace) -> int:
+def interleaved_step_times(settings: Mapping[str, tuple[str, Mapping[str, object]]], rounds: int, batch: int = 128):
+    """``{label: [seconds per step, one per round]}``: one optimizer step of each setting in turn per round (order
+    rotated), on the same random batch, so that every setting sees the same load of a shared machine."""
+    import torch
+
+    from kdforge.config import OptimConfig
+    from kdforge.data.batch import Batch
+    from kdforge.engine.optim import build_optimizer
+    from kdforge.methods import Progress, create_method
+    from kdforge.models import create_model
+
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    b = Batch(x, y, torch.arange(batch))
+    runs = {}
+    for label, (name, params) in settings.items():
+        teacher = create_model("resnet20", num_classes=10)
+        method = create_method(name, create_model("resnet8", num_classes=10), teacher, **params)
+        method.train()
+        runs[label] = (method, build_optimizer(method.param_groups(), OptimConfig(lr=0.01, nesterov=True)))
+
+    def step(label: str) -> float:
+        method, opt = runs[label]
+        start = time.perf_counter()
+        out = method(b, Progress(0, 0, 0.0, 0.0))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        return time.perf_counter() - start
+
+    labels = list(runs)
+    for label in labels:
+        step(label)  # warm-up
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for r in range(rounds):
+        for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+            times[label].append(step(label))
+    return times
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
     kd = step_flops("kd", {})
-    print(f"KD: {kd / 1e9:.2f} GFLOPs per step at batch 32")
+    print(f"FLOPs (torch.utils.flop_counter), batch 32: KD {kd / 1e9:.2f} GFLOPs per step")
     for label, params in COST_SETTINGS.items():
-        print(f"{label}: {step_flops('atf', params) / kd:.2f}x KD")
+        print(f"  {label}: {step_flops('atf', params) / kd:.2f}x KD")
+    if args.rounds:
+        settings = {"kd": ("kd", {}), **{label: ("atf", params) for label, params in COST_SETTINGS.items()}}
+        times = interleaved_step_times(settings, args.rounds)
+        print(f"Wall time per step, batch 128, {args.rounds} interleaved rounds (median; ratio = median of per-round")
+        print("ratios to the same round's KD step):")
+        for label, ts in times.items():
+            ratios = [t / k for t, k in zip(ts, times["kd"], strict=True)]
+            print(f"  {label}: {statistics.median(ts) * 1e3:.0f} ms, {statistics.median(ratios):.2f}x KD")
     return 0
 
 
@@ -304,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_split = sub.add_parser("split", help="write the validation .npz")
     p_split.add_argument("--source", type=Path, default=SOURCE)
     p_split.add_argument("--out", type=Path, default=RUNS / "data" / "val.npz")
-    sub.add_parser("flops", help="FLOPs per training step of ATF's settings relative to KD's")
+    p_cost = sub.add_parser("cost", help="FLOPs and interleaved wall time per step of ATF's settings relative to KD")
+    p_cost.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (0: FLOPs only)")
     for name in ("run", "report"):
         p = sub.add_parser(name)
         p.add_argument("--stage", choices=sorted(SWEEPS), default="validation")
@@ -314,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "split":
         print(write_split(args.source, args.out))
         return 0
-    commands = {"run": cmd_run, "report": cmd_report, "flops": cmd_flops}
+    commands = {"run": cmd_run, "report": cmd_report, "cost": cmd_cost}
     return commands[args.command](args)
 
 
