@@ -47,14 +47,34 @@ def _dkd_beta(teacher: str) -> float:
 
 # ATF's settings are written out in full so a config keeps its meaning if a default changes.
 ATF_DEFAULTS: dict[str, Any] = {
-    "temperature": 4.0,
-    "logit_norm": "layernorm",
+    "temperature": 2.0,
+    "logit_norm": "zscore",
     "divergence": "fixed",
-    "alpha": 0.5,
+    "alpha": 1.0,
+    "ce_weight": 0.1,
+    "kd_weight": 9.0,
     "reverse_mode": "gap",
-    "anchor": "kl",
+    "anchor": "l2",
+    "anchor_weight": 1.0,
     "teacher_lr_scale": 0.1,
     "teacher_bn": "train",
+    "teacher_scope": "last_stage",
+}
+# SHAKE exactly (lilujunai/SHAKE helper/loops.py, scripts -a 0 -b 1): every logit LN(z)*3.1415, tau 4, weights 1.
+SHAKE_PARAMS: dict[str, Any] = {
+    "variant": "shadow",
+    "logit_norm": "layernorm",
+    "ln_scale": 3.1415,
+    "temperature": 4.0,
+    "divergence": "fixed",
+    "alpha": 1.0,
+    "reverse_mode": "fixed",
+    "ce_weight": 1.0,
+    "kd_weight": 1.0,
+    "teacher_ce_weight": 1.0,
+    "reverse_weight": 1.0,
+    "anchor": "l2",
+    "anchor_weight": 1.0,
 }
 
 # Each entry: a one-line source comment and a function (teacher, student) -> method params.
@@ -96,13 +116,14 @@ CIFAR_METHODS: dict[str, tuple[str, Any]] = {
         lambda t, s: {"name": "alpha_kd", "temperature": 4.0, "ce_weight": 1.0, "kd_weight": 1.0},
     ),
     "atf": (
-        "ATF (reconstructed, METHODS.md 3.1; defaults measured in docs/methods/atf.md): full variant, LN(z)*pi "
-        "logits at tau 4, fixed alpha 0.5, gap-driven reversed weight, teacher lr 0.1x, BN train, KL anchor.",
+        "ATF (reconstructed, METHODS.md 3.1; provisional defaults, docs/methods/atf.md): full variant, LS-KD's "
+        "student term (z-score, tau 2, CE 0.1, KD 9), alpha 1, gap weight, l2 anchor 1, teacher last stage at lr "
+        "0.1x, BN train.",
         lambda t, s: {"name": "atf", "variant": "full", **ATF_DEFAULTS},
     ),
     "atf_shadow": (
-        "ATF cheap variant (reconstructed): SHAKE-style shadow head on the frozen teacher, tau 4, LN(z)*pi.",
-        lambda t, s: {"name": "atf", "variant": "shadow", "temperature": 4.0, "logit_norm": "layernorm"},
+        "ATF cheap variant = SHAKE exactly (lilujunai/SHAKE): shadow head, every logit LN(z)*3.1415, tau 4, weights 1.",
+        lambda t, s: {"name": "atf", **SHAKE_PARAMS},
     ),
     "bilateral": (
         "Bilateral KD (reconstructed, METHODS.md 3.9): tau 4, lambda 1, mu 0.3, teacher lr 0.1x.",
@@ -325,10 +346,10 @@ IMAGENET_METHODS: dict[str, tuple[list[str], dict[str, Any]]] = {
     ),
     "atf": (
         [
-            "ATF (reconstructed): full variant, LN(z)*pi at tau 4, fixed alpha 0.5, gap-driven reversed weight,",
-            "teacher lr 0.1x (0.02), BN train; the weight anchor with ATSC's ImageNet weight 10 (METHODS.md 3.1).",
+            "ATF (reconstructed): full variant, LS-KD's ImageNet student term (z-score, tau 2, CE 1, KD 9), alpha 1,",
+            "gap weight, teacher last stage at lr 0.1x (0.02), BN train; l2 anchor with ATSC's ImageNet weight 10.",
         ],
-        {"name": "atf", "variant": "full", **ATF_DEFAULTS, "anchor": "l2", "anchor_weight": 10.0},
+        {"name": "atf", "variant": "full", **ATF_DEFAULTS, "ce_weight": 1.0, "anchor_weight": 10.0},
     ),
     "bilateral": (
         ["Bilateral KD (reconstructed): tau 4, lambda 1, mu 0.3, teacher lr 0.1x."],
