@@ -10,6 +10,7 @@ result = kdforge.fit(method, data, train={"epochs": 240}, optim={"lr": 0.05}, ou
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ from kdforge.engine.loop import FitResult
 from kdforge.errors import CheckpointError, ConfigError
 from kdforge.methods import Method, create_method, instantiate_method
 from kdforge.models import count_parameters, create_model, load_weights
+from kdforge.registry import TASKS
+from kdforge.tasks.base import Task
 from kdforge.validation import validate
 
 WEIGHT_FILES = ("model.pt", "student.pt")
@@ -56,9 +59,27 @@ def resolve_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
     return obj, path
 
 
-def build_network(name: str, num_classes: int, checkpoint: str | Path | None = None) -> nn.Module:
-    """A registry model with ``num_classes`` outputs, with weights loaded from ``checkpoint`` when given."""
-    model = create_model(name, num_classes=num_classes)
+def build_task(cfg: RunConfig, num_classes: int | None) -> Task:
+    """The config's task (``task.name`` and its parameters, validated), told the dataset's class count when its
+    constructor takes one."""
+    cls = TASKS.get(cfg.task.name)
+    params = dict(cfg.task.params)
+    if num_classes is not None and "num_classes" in inspect.signature(cls.__init__).parameters:
+        params.setdefault("num_classes", num_classes)
+    try:
+        return cls(**params)
+    except ValueError as err:
+        raise ConfigError(f"task '{cfg.task.name}': {err}") from None
+
+
+def build_network(
+    name: str, num_classes: int, checkpoint: str | Path | None = None, task: Task | None = None
+) -> nn.Module:
+    """A network of ``task`` (default: a classification registry model) with ``num_classes`` outputs, with weights
+    loaded from ``checkpoint`` when given."""
+    model = (
+        create_model(name, num_classes=num_classes) if task is None else task.build_model(name, num_classes=num_classes)
+    )
     if checkpoint is not None:
         state, path = resolve_weights(checkpoint)
         try:
@@ -152,7 +173,8 @@ def _build(cfg: RunConfig, device: torch.device) -> tuple[Method, DataBundle]:
                 f"{key}.num_classes={mc.num_classes} but dataset '{d.name}' has {data.num_classes} "
                 f"classes; remove {key}.num_classes or use matching data"
             )
-    student = build_network(cfg.model.name, data.num_classes, cfg.model.checkpoint)
+    task = build_task(cfg, data.num_classes)
+    student = build_network(cfg.model.name, data.num_classes, cfg.model.checkpoint, task)
     teacher = None
     if cfg.teacher is not None and cfg.teacher.name:
         if cfg.teacher.checkpoint is None:
@@ -160,7 +182,7 @@ def _build(cfg: RunConfig, device: torch.device) -> tuple[Method, DataBundle]:
                 "teacher.checkpoint is not set: distilling from an untrained teacher is meaningless; "
                 "train one with `kdforge train` and pass its run directory or weight file"
             )
-        teacher = build_network(cfg.teacher.name, data.num_classes, cfg.teacher.checkpoint)
+        teacher = build_network(cfg.teacher.name, data.num_classes, cfg.teacher.checkpoint, task)
     context = {
         "num_classes": data.num_classes,
         "num_train": data.num_train,
@@ -170,7 +192,7 @@ def _build(cfg: RunConfig, device: torch.device) -> tuple[Method, DataBundle]:
     }
     # validate() checked and coerced the method's parameters and its need of a teacher; both networks have the
     # data's classes (checked above): nothing is checked again.
-    method = instantiate_method(cfg.method.name, student, teacher, context=context, params=cfg.method.params)
+    method = instantiate_method(cfg.method.name, student, teacher, context=context, params=cfg.method.params, task=task)
     return method, data
 
 
@@ -205,12 +227,17 @@ def run(
         out_dir = default_run_dir(cfg, command)
     method, data = _build(cfg, device)
     teacher_eval = None
+    primary = method.task.evaluator().primary
     if method.teacher is not None:
-        teacher_eval = evaluate(method.teacher.to(device), data.test, device=device, precision=cfg.train.precision)
+        teacher_eval = evaluate(
+            method.teacher.to(device), data.test, device=device, precision=cfg.train.precision, task=method.task
+        )
     if teacher_eval is not None and info.is_main:
         # One line even without progress output: a wrong teacher checkpoint shows up here, before training.
+        value = teacher_eval.get(primary, float("nan"))
+        shown = f"top-1 {value:.2f}%" if primary == "top1" else f"{primary} {value:.4g}"
         print(
-            f"teacher {cfg.teacher.name}: test top-1 {teacher_eval['top1']:.2f}%  "  # type: ignore[union-attr]
+            f"teacher {cfg.teacher.name}: test {shown}  "  # type: ignore[union-attr]
             f"({count_parameters(method.teacher) / 1e6:.2f}M params)",
             flush=True,
         )
@@ -239,7 +266,9 @@ def run(
             }
         )
         if teacher_eval is not None:
-            summary.update({"teacher": cfg.teacher.name, "teacher_top1": teacher_eval["top1"]})  # type: ignore[union-attr]
+            summary.update(
+                {"teacher": cfg.teacher.name, f"teacher_{primary}": teacher_eval.get(primary)}  # type: ignore[union-attr]
+            )
         atomic_write_json(summary_path, summary)
     return result
 
@@ -285,13 +314,14 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: dict[str, Any] | None
     device = resolve_device(cfg.train.device)
     cfg.data.augment = False
     data = data_from_config(cfg.data, device)
-    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes or data.num_classes)
+    task = build_task(cfg, cfg.model.num_classes or data.num_classes)
+    model = task.build_model(cfg.model.name, num_classes=cfg.model.num_classes or data.num_classes)
     try:
         load_weights(model, state)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
     model.to(device)
-    result = evaluate(model, data.test, device=device, precision=cfg.train.precision)
+    result = evaluate(model, data.test, device=device, precision=cfg.train.precision, task=task)
     return {
         "checkpoint": str(path),
         "model": cfg.model.name,
@@ -307,6 +337,7 @@ __all__ = [
     "build_data",
     "build_network",
     "build_run",
+    "build_task",
     "create_method",
     "create_model",
     "default_run_dir",

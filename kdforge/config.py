@@ -133,9 +133,19 @@ class MethodConfig:
 
 
 @dataclass
+class TaskConfig:
+    """What the network is trained to do: a task's registry name plus the typed keyword arguments of its
+    constructor (``kdforge.tasks``), like a method's."""
+
+    name: str = "classification"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs. ``model`` is the network being trained (the student when distilling)."""
 
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: ModelConfig | None = None
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -304,19 +314,29 @@ def _dataclass_type(tp: Any) -> type | None:
     return None
 
 
-def method_from_dict(data: Any) -> MethodConfig:
-    """Build a ``MethodConfig`` from ``{name: ..., <param>: ...}`` (a flat mapping, as written in YAML)."""
-    if isinstance(data, MethodConfig):
+def _named_from_dict(data: Any, cls: type, section: str, example: str) -> Any:
+    """Build a ``{name, params}`` section (method, task) from ``{name: ..., <param>: ...}`` as written in YAML."""
+    if isinstance(data, cls):
         return data
     if isinstance(data, str):
-        return MethodConfig(name=data)
+        return cls(name=data)
     if not isinstance(data, Mapping):
-        raise ConfigError(f"method must be a mapping like {{name: kd, temperature: 4}}, got {type(data).__name__}")
+        raise ConfigError(f"{section} must be a mapping like {example}, got {type(data).__name__}")
     data = dict(data)
-    name = data.pop("name", MethodConfig.name)
+    name = data.pop("name", cls.name)
     if not isinstance(name, str):
-        raise ConfigError(f"method.name must be a string, got {name!r}")
-    return MethodConfig(name=name, params=data)
+        raise ConfigError(f"{section}.name must be a string, got {name!r}")
+    return cls(name=name, params=data)
+
+
+def method_from_dict(data: Any) -> MethodConfig:
+    """Build a ``MethodConfig`` from ``{name: ..., <param>: ...}`` (a flat mapping, as written in YAML)."""
+    return _named_from_dict(data, MethodConfig, "method", "{name: kd, temperature: 4}")
+
+
+def task_from_dict(data: Any) -> TaskConfig:
+    """Build a ``TaskConfig`` from ``{name: ..., <param>: ...}`` (a flat mapping, as written in YAML)."""
+    return _named_from_dict(data, TaskConfig, "task", "{name: segmentation, ignore_index: 255}")
 
 
 def config_from_dict(data: Any) -> RunConfig:
@@ -327,8 +347,10 @@ def config_from_dict(data: Any) -> RunConfig:
         raise ConfigError(f"the config must be a mapping of keys to values, got {type(data).__name__}")
     data = dict(data)
     method = method_from_dict(data.pop("method", {}))
+    task = task_from_dict(data.pop("task", {}) or {})
     cfg = _dataclass_from_dict(RunConfig, data, "")
     cfg.method = method
+    cfg.task = task
     return cfg
 
 
@@ -347,11 +369,15 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     out = {
         f.name: plain(dataclasses.asdict(getattr(cfg, f.name))) if getattr(cfg, f.name) is not None else None
         for f in dataclasses.fields(cfg)
-        if f.name != "method"
+        if f.name not in ("method", "task")
     }
     out["method"] = {"name": cfg.method.name, **plain(cfg.method.params)}
     order = ["model", "teacher", "method", "data", "optim", "schedule", "train"]
-    return {k: out[k] for k in order}
+    ordered = {k: out[k] for k in order}
+    if cfg.task.name != TaskConfig.name or cfg.task.params:
+        # Classification configs stay as they were written before tasks existed; any other task leads the file.
+        ordered = {"task": {"name": cfg.task.name, **plain(cfg.task.params)}, **ordered}
+    return ordered
 
 
 def dump_yaml(cfg: RunConfig) -> str:

@@ -85,3 +85,4 @@ class Registry(Generic[T]):
 MODELS: Registry[Callable[..., Any]] = Registry("model")
 METHODS: Registry[type] = Registry("method")
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
+TASKS: Registry[type] = Registry("task")

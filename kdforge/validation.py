@@ -18,8 +18,7 @@ from kdforge.engine.logging import TENSORBOARD_HINT, tensorboard_available
 from kdforge.errors import ConfigError
 from kdforge.methods import METHODS
 from kdforge.methods.params import check_method_params, method_signature
-from kdforge.models import list_models
-from kdforge.registry import close_matches
+from kdforge.registry import TASKS, close_matches
 
 
 def validate(cfg: RunConfig, command: Literal["train", "distill"] = "distill") -> RunConfig:
@@ -35,12 +34,26 @@ def validate(cfg: RunConfig, command: Literal["train", "distill"] = "distill") -
             hint = f"did you mean {', '.join(repr(h) for h in hints)}? " if hints else ""
             raise ConfigError(f"{key}: unknown {what} {name!r}; {hint}run `kdforge {what}s` to list them")
 
-    models = list_models()
+    known(cfg.task.name, TASKS.names(), "task", "task.name")
+    task_cls = TASKS.get(cfg.task.name)
+    cfg.task.params = check_method_params(task_cls, cfg.task.params, prefix="task.")
+    models = task_cls.model_names()
     known(cfg.model.name, models, "model", "model.name")
     known(cfg.method.name, METHODS.names(), "method", "method.name")
     known(cfg.data.name, list_datasets(), "dataset", "data.name")
     method_cls = METHODS.get(cfg.method.name)
     cfg.method.params = check_method_params(method_cls, cfg.method.params)
+    _require(
+        cfg.task.name in method_cls.tasks or "*" in method_cls.tasks,
+        f"method '{cfg.method.name}' distils {', '.join(method_cls.tasks)}, not {cfg.task.name}; "
+        "`kdforge methods` lists the methods of each task",
+    )
+    data_task = DATASETS.meta(cfg.data.name).get("task", "classification")
+    _require(
+        data_task == cfg.task.name,
+        f"dataset '{cfg.data.name}' is a {data_task} dataset but task.name is {cfg.task.name}; "
+        f"set task.name={data_task} or choose a {cfg.task.name} dataset (`kdforge datasets`)",
+    )
 
     if command == "train":
         _require(
@@ -101,13 +114,15 @@ def flat_keys(cfg: RunConfig | None = None) -> list[str]:
     cfg = cfg or RunConfig()
     keys = []
     for f in dataclasses.fields(RunConfig):
-        if f.name == "method":
+        if f.name in ("method", "task"):
             continue
         sub = _dataclass_type(typing.get_type_hints(RunConfig)[f.name])
         keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(sub)]
     if cfg.method.name in METHODS:
         keys += [f"method.{k}" for k in method_signature(METHODS.get(cfg.method.name))]
-    return ["method.name", *keys]
+    if cfg.task.name in TASKS:
+        keys += [f"task.{k}" for k in method_signature(TASKS.get(cfg.task.name))]
+    return ["task.name", "method.name", *keys]
 
 
 __all__ = ["flat_keys", "validate"]

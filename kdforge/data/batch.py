@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,6 +24,10 @@ class Batch:
         view_id: ``[B]`` int64: which of the loader's ``replay_views`` fixed crop/flip views ``input`` shows for each
             sample (``data.replay_views > 0``); ``None`` otherwise. With ``index`` it names the exact input, which is
             what lets a teacher-output cache replace the teacher's forward.
+        targets: the task's targets when they are more than a class label (dense tasks): a segmentation mask
+            ``[B, H, W]``, a mapping of padded detection tensors (``boxes``, ``labels``, ...), a clean image; ``None``
+            for classification, whose target is ``target``. Augmentation transforms ``input`` and ``targets``
+            together.
     """
 
     input: Tensor
@@ -32,6 +37,12 @@ class Batch:
     negative: Tensor | None = None
     negative_index: Tensor | None = None
     view_id: Tensor | None = None
+    targets: Any = None
+
+    @property
+    def task_targets(self) -> Any:
+        """What the task's loss and evaluator compare predictions with: ``targets``, or the labels."""
+        return self.target if self.targets is None else self.targets
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         def move(t: Tensor | None) -> Tensor | None:
@@ -45,6 +56,7 @@ class Batch:
             move(self.negative),
             move(self.negative_index),
             move(self.view_id),
+            _move_targets(self.targets, device, non_blocking),
         )
 
     def __len__(self) -> int:
@@ -66,3 +78,11 @@ def batch_negatives(batch: Batch, method: str) -> Tensor:
     if batch.negative.shape != batch.input.shape:
         raise ValueError(f"Batch.negative has shape {tuple(batch.negative.shape)}, input {tuple(batch.input.shape)}")
     return batch.negative
+
+
+def _move_targets(targets: Any, device: torch.device | str, non_blocking: bool) -> Any:
+    if isinstance(targets, Tensor):
+        return targets.to(device, non_blocking=non_blocking)
+    if isinstance(targets, dict):
+        return {k: _move_targets(v, device, non_blocking) for k, v in targets.items()}
+    return targets

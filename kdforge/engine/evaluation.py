@@ -1,15 +1,16 @@
-"""Evaluation: classification top-1/top-5 counted by an :class:`~kdforge.tasks.base.Evaluator`, reduced over ranks.
+"""Evaluation: a network over a split, scored by its task's :class:`~kdforge.tasks.base.Evaluator`, reduced over
+ranks.
 
-The loop calls :func:`evaluate`; the counting lives in :class:`ClassificationEvaluator`, which follows the task
-layer's ``reset``/``update``/``compute(reducer)`` interface, so a task's own evaluator can take its place without
-touching the loop's bookkeeping.
+The loop calls :func:`evaluate`; what is counted (top-1, a confusion matrix, boxes for COCO AP, PSNR sums) is the
+task's business: :meth:`~kdforge.tasks.base.Task.predict` post-processes the outputs and the evaluator accumulates
+and reduces them, so the engine never asks which task it evaluates.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,51 +18,9 @@ from torch import Tensor, nn
 from kdforge.collectives import CollectiveReducer
 from kdforge.data.batch import Batch
 from kdforge.engine.env import autocast, eval_mode, resolve_precision
-from kdforge.errors import KDForgeError
 from kdforge.methods.base import Method
-from kdforge.tasks.base import Evaluator, Reducer
-
-
-class ClassificationEvaluator(Evaluator):
-    """Top-1/top-5 accuracy (%) and mean cross-entropy over a split, from summed counts.
-
-    Counts are summed, never per-batch means averaged, so the result is exact for any batch split; ``compute`` sums
-    them over the processes through ``reducer`` (the shards of a distributed loader are disjoint and complete).
-
-    Args:
-        device: where the running counts live (the logits' device).
-    """
-
-    primary: ClassVar[str] = "top1"
-    higher_is_better: ClassVar[bool] = True
-
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
-        self.reset()
-
-    def reset(self) -> None:
-        # correct@1, correct@5, loss sum, count; float64 so counts stay exact far past 2**24 samples.
-        self.totals = torch.zeros(4, dtype=torch.float64, device=self.device)
-
-    def update(self, preds: Tensor, targets: Tensor) -> None:
-        """Add a batch: ``preds`` ``[B, C]`` logits (any float dtype), ``targets`` ``[B]`` class indices."""
-        logits = preds.float()
-        k = min(5, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices
-        hit = topk == targets[:, None]
-        loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
-        self.totals += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), loss, torch.tensor(len(targets))]).to(
-            self.totals
-        )
-
-    def compute(self, reducer: Reducer | None = None) -> dict[str, float]:
-        totals = self.totals.clone()
-        if reducer is not None:
-            totals = reducer.sum(totals)
-        c1, c5, loss_sum, n = totals.tolist()
-        if n == 0:
-            raise KDForgeError("evaluation data is empty")
-        return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss_sum / n, "count": int(n)}
+from kdforge.tasks.base import Task
+from kdforge.tasks.classification import ClassificationEvaluator, ClassificationTask
 
 
 @torch.no_grad()
@@ -71,12 +30,14 @@ def evaluate(
     *,
     device: torch.device | str | None = None,
     precision: str | torch.dtype = "fp32",
+    task: Task | None = None,
 ) -> dict[str, float]:
-    """Top-1/top-5 accuracy (%) and mean cross-entropy of ``model`` over ``loader``.
+    """The task's metrics of ``model`` over ``loader`` (classification: top-1/top-5 accuracy in % and mean
+    cross-entropy).
 
-    A :class:`Method` is evaluated through its ``forward_eval`` (the student). A loader sharded over the processes
-    of a distributed run (``world_size`` > 1) has its counts summed over ranks, so every rank returns the accuracy
-    on the whole set.
+    A :class:`Method` is evaluated through its ``forward_eval`` (the student) and its own task. A loader sharded over
+    the processes of a distributed run (``world_size`` > 1) has its evaluator reduced over ranks, so every rank
+    returns the metrics of the whole set (those that need gathered data: rank 0).
     """
     module = model if isinstance(model, nn.Module) else None
     fn = model.forward_eval if isinstance(model, Method) else model
@@ -85,13 +46,15 @@ def evaluate(
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
     dtype = precision if isinstance(precision, torch.dtype) else resolve_precision(precision, device)
-    evaluator = ClassificationEvaluator(device)
+    if task is None:
+        task = model.task if isinstance(model, Method) else ClassificationTask()
+    evaluator = task.evaluator()
     with eval_mode(module) if module is not None else contextlib.nullcontext():
         for batch in loader:
             batch = batch.to(device)
             with autocast(device, dtype):
-                logits = fn(batch.input)
-            evaluator.update(logits, batch.target)
+                outputs = fn(batch.input)
+            evaluator.update(task.predict(outputs), batch.task_targets)
     reducer: Any = CollectiveReducer() if getattr(loader, "world_size", 1) > 1 else None
     return evaluator.compute(reducer)
 

@@ -63,7 +63,12 @@ from kdforge.seeding import mix_seed
 
 @dataclass
 class FitResult:
-    """Outcome of :func:`fit`: best and final test accuracy (top-1/top-5, %), time and the per-epoch records."""
+    """Outcome of :func:`fit`: the best and final test metrics, time and the per-epoch records.
+
+    ``primary`` names the task's primary metric (``top1`` for classification, ``mIoU``, ``AP``, ``psnr``, ...);
+    ``best`` is its best value (at ``best_epoch``) and ``final`` every test metric of the last evaluation. The
+    ``*_top1``/``final_top5`` fields are the classification numbers (NaN for other tasks).
+    """
 
     best_top1: float
     best_epoch: int
@@ -72,6 +77,9 @@ class FitResult:
     train_time_s: float
     history: list[dict[str, Any]] = field(default_factory=list)
     out_dir: Path | None = None
+    primary: str = "top1"
+    best: float = float("nan")
+    final: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,18 +89,19 @@ class RunState:
     Attributes:
         epoch: epochs completed; the next epoch to train (0-based).
         step: optimizer steps taken so far.
-        best_top1, best_epoch: the best test top-1 so far and its (1-based) epoch; ``-1``/``0`` before any.
+        best_top1, best_epoch: the best value of the task's primary test metric so far (top-1 for classification;
+            the name is kept for checkpoint compatibility) and its (1-based) epoch; ``None``/``0`` before any.
         history: one record per completed epoch (what ``metrics.jsonl`` holds).
         resume_batch: batches of ``epoch`` already trained when resuming a mid-epoch checkpoint (0 otherwise).
         partial: that epoch's running sums from the checkpoint (see :meth:`EpochSums.to_partial`).
         train_time: seconds spent in training epochs so far.
         stop_now: the run stops at the next opportunity (a signal, agreed over ranks under DDP).
-        extra_keys: ``<name>_top1`` keys of the method's extra evaluators logged by this process.
+        extra_keys: ``<name>_<primary>`` keys of the method's extra evaluators logged by this process.
     """
 
     epoch: int = 0
     step: int = 0
-    best_top1: float = -1.0
+    best_top1: float | None = None
     best_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     resume_batch: int = 0
@@ -125,6 +134,8 @@ class _Run:
     epochs: int
     skip_mode: bool
     buffers: list[Tensor] | None
+    primary: str = "top1"  # the task's primary test metric, tracked as the best
+    higher_is_better: bool = True
     stop: StopRequest = field(default_factory=StopRequest)
     config: RunConfig | None = None
     run_dir: Path | None = None  # the run directory (every rank knows it)
@@ -149,6 +160,7 @@ class EpochSums:
     skipped: int | Tensor = 0  # non-finite steps skipped
     t0: float = 0.0  # perf_counter at the epoch's start (shifted back by a resumed epoch's elapsed time)
     logged: int = 0  # batches covered by the last log line
+    has_accuracy: bool = True  # False once a step returns no class logits (dense tasks): no train top-1
 
     @classmethod
     def start(cls, device: torch.device, b0: int, partial: dict[str, Any] | None) -> EpochSums:
@@ -179,6 +191,10 @@ class EpochSums:
     def add_accuracy(self, group: list[Batch], results: list[StepOutput]) -> None:
         """Train accuracy over the batches' labels; a dual-view method returns logits for every view."""
         for mb, result in zip(group, results, strict=True):
+            if result.logits is None:  # a dense task's step: images seen, no label accuracy
+                self.has_accuracy = False
+                self.seen += len(mb)
+                continue
             reps = result.logits.shape[0] // len(mb)
             hits = result.logits.detach().argmax(dim=1) == mb.target.repeat_interleave(reps)
             self.correct += hits.sum() / reps
@@ -330,6 +346,7 @@ def _set_up(
     # evaluation and checkpoints, whose state-dict keys must not carry the compiler's "_orig_mod." prefix.
     trainable: nn.Module = ddp if ddp is not None else method
     skip_mode = train_cfg.nonfinite == "skip"
+    probe = method.task.evaluator()
     return _Run(
         method=method,
         data=data,
@@ -350,6 +367,8 @@ def _set_up(
         epochs=train_cfg.epochs,
         skip_mode=skip_mode,
         buffers=list(method.buffers()) if skip_mode else None,
+        primary=probe.primary,
+        higher_is_better=probe.higher_is_better,
     )
 
 
@@ -415,7 +434,7 @@ def _resume(run: _Run, path: Path) -> RunState:
     return RunState(
         epoch=ckpt["epoch"],
         step=ckpt["step"],
-        best_top1=ckpt["best_top1"],
+        best_top1=_best_from_checkpoint(ckpt["best_top1"]),
         best_epoch=ckpt["best_epoch"],
         history=list(ckpt["history"]),
         resume_batch=int(ckpt.get("batch_in_epoch", 0)),
@@ -526,7 +545,8 @@ def _end_epoch(run: _Run, state: RunState, epoch: int, sums: EpochSums, totals: 
     means = totals.means
     record: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, "lr": run.optimizer.param_groups[0]["lr"]}
     record.update({f"train_{k}" if k == "loss" else f"loss_{k}": v for k, v in means.items()})
-    record["train_top1"] = 100.0 * totals.correct / max(totals.seen, 1)
+    if sums.has_accuracy:
+        record["train_top1"] = 100.0 * totals.correct / max(totals.seen, 1)
     record["epoch_time_s"] = epoch_time
     record["img_per_s"] = totals.seen / epoch_time
     skipped = 0
@@ -541,10 +561,17 @@ def _end_epoch(run: _Run, state: RunState, epoch: int, sums: EpochSums, totals: 
     state.history.append(record)
     assert run.metrics is not None and run.console is not None
     run.metrics.write(record)
-    test = f"  test {record['test_top1']:.2f}% (best {state.best_top1:.2f}%)" if "test_top1" in record else ""
-    test += "".join(f"  {k.removesuffix('_top1')} {v:.2f}%" for k, v in record.items() if k in state.extra_keys)
+    key, test = f"test_{run.primary}", ""
+    if key in record:
+        test = f"  test {_metric(run.primary, record[key])} (best {_metric(run.primary, state.best_top1)})"
+    test += "".join(
+        f"  {k.removesuffix('_' + run.primary)} {_metric(run.primary, v)}"
+        for k, v in record.items()
+        if k in state.extra_keys
+    )
+    train = f"  train {record['train_top1']:.2f}%" if "train_top1" in record else ""
     run.console.end_epoch(
-        f"epoch {epoch + 1}/{run.epochs}  {format_parts(means)}  train {record['train_top1']:.2f}%{test}  "
+        f"epoch {epoch + 1}/{run.epochs}  {format_parts(means)}{train}{test}  "
         f"lr {record['lr']:.4g}  {epoch_time:.1f}s  {record['img_per_s']:,.0f} img/s"
         + (f"  skipped {skipped} non-finite steps" if skipped else "")
     )
@@ -561,15 +588,19 @@ def _end_epoch(run: _Run, state: RunState, epoch: int, sums: EpochSums, totals: 
 
 def _evaluate_epoch(run: _Run, state: RunState, epoch: int, record: dict[str, Any]) -> bool:
     """Test metrics of the student (and the method's extra evaluators) into ``record``; whether the best improved."""
-    ev = evaluate(run.method, run.data.test, device=run.device, precision=run.dtype)
-    record.update({"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]})
+    task, primary = run.method.task, run.primary
+    ev = evaluate(run.method, run.data.test, device=run.device, precision=run.dtype, task=task)
+    record.update({f"test_{k}": v for k, v in ev.items() if k != "count"})
     for name, net in run.method.evaluators().items():
-        record[f"{name}_top1"] = evaluate(net, run.data.test, device=run.device, precision=run.dtype)["top1"]
-        state.extra_keys.add(f"{name}_top1")
-    improved = ev["top1"] > state.best_top1
+        value = evaluate(net, run.data.test, device=run.device, precision=run.dtype, task=task)[primary]
+        record[f"{name}_{primary}"] = value
+        state.extra_keys.add(f"{name}_{primary}")
+    value = ev[primary]
+    best = state.best_top1
+    improved = best is None or (value > best if run.higher_is_better else value < best)
     if improved:
-        state.best_top1, state.best_epoch = ev["top1"], epoch + 1
-    record["best_top1"] = state.best_top1
+        state.best_top1, state.best_epoch = value, epoch + 1
+    record[f"best_{primary}"] = state.best_top1
     return improved
 
 
@@ -618,14 +649,20 @@ def _save(run: _Run, ckpt: dict[str, Any]) -> None:
 def _finish(run: _Run, state: RunState) -> FitResult:
     """The result; on rank 0 the exported networks and ``summary.json``."""
     final = state.history[-1] if state.history else {}
+    primary = run.primary
+    best = state.best_top1 if state.best_top1 is not None else float("nan")
+    final_metrics = {k.removeprefix("test_"): v for k, v in final.items() if k.startswith("test_")}
     result = FitResult(
-        best_top1=state.best_top1,
+        best_top1=best if primary == "top1" else float("nan"),
         best_epoch=state.best_epoch,
         final_top1=final.get("test_top1", float("nan")),
         final_top5=final.get("test_top5", float("nan")),
         train_time_s=state.train_time,
         history=state.history,
         out_dir=run.run_dir,
+        primary=primary,
+        best=best,
+        final=final_metrics,
     )
     out = run.out
     if out is not None:
@@ -634,22 +671,41 @@ def _finish(run: _Run, state: RunState) -> FitResult:
         atomic_write_json(
             out / "summary.json",
             {
-                "best_top1": result.best_top1,
+                f"best_{primary}": best,
                 "best_epoch": result.best_epoch,
-                "final_top1": result.final_top1,
-                "final_top5": result.final_top5,
+                **{f"final_{m}": final_metrics.get(m, float("nan")) for m in _summary_metrics(run)},
                 **{f"final_{k}": final[k] for k in sorted(state.extra_keys) if k in final},
                 "epochs": run.epochs,
                 "train_time_s": result.train_time_s,
                 "world_size": run.info.world_size,
+                **({} if run.method.task.name == "classification" else {"task": run.method.task.name}),
+                **({} if primary == "top1" else {"primary": primary}),
             },
         )
     assert run.console is not None
+    final_value = final_metrics.get(primary, float("nan"))
+    label = "top-1" if primary == "top1" else primary
     run.console.print(
-        f"done: final top-1 {result.final_top1:.2f}%, best {result.best_top1:.2f}% (epoch {state.best_epoch}), "
-        f"train time {state.train_time:.1f}s"
+        f"done: final {label} {_metric(primary, final_value)}, best {_metric(primary, best)} "
+        f"(epoch {state.best_epoch}), train time {state.train_time:.1f}s"
     )
     return result
+
+
+def _summary_metrics(run: _Run) -> tuple[str, ...]:
+    return run.method.task.summary_metrics or (run.primary,)
+
+
+def _metric(name: str, value: float | None) -> str:
+    """A test metric as the console shows it: accuracies in percent, anything else with four significant digits."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}%" if name.startswith("top") else f"{value:.4g}"
+
+
+def _best_from_checkpoint(value: float | None) -> float | None:
+    # Checkpoints written before the task layer stored -1 for "no evaluation yet".
+    return None if value is None or value == -1.0 else value
 
 
 def _check_shards(data: Any, info: distributed.DistInfo) -> None:

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from kdforge.data.batch import Batch
+from kdforge.tasks.base import Task
+from kdforge.tasks.classification import ClassificationTask
 
 
 @dataclass
@@ -24,12 +26,22 @@ class StepOutput:
     Attributes:
         loss: the scalar the engine backpropagates.
         losses: named, already weighted parts of ``loss`` (for logging; the engine never sums them).
-        logits: ``[B, C]`` student logits of ``batch.input`` (train accuracy).
+        logits: ``[B, C]`` student logits of ``batch.input`` (train accuracy); ``None`` for dense tasks, whose
+            outputs have no label accuracy.
     """
 
     loss: Tensor
     losses: dict[str, Tensor]
-    logits: Tensor
+    logits: Tensor | None
+
+
+def total_loss(parts: dict[str, Tensor]) -> Tensor:
+    """The sum of named loss parts, in their order (one part is returned as it is, with no ``0 +``)."""
+    values = iter(parts.values())
+    total = next(values)
+    for value in values:
+        total = total + value
+    return total
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,9 @@ class Method(nn.Module, abc.ABC):
     #: registry names of the students the method can train, or empty for any classifier (DATS needs the
     #: attention-sampled ``dats_*`` networks); generic tests build the first one.
     student_models: ClassVar[tuple[str, ...]] = ()
+    #: the tasks the method distils (``kdforge.registry.TASKS`` names, ``"*"`` for every task); the registry-wide
+    #: tests pair the method with each of them, and ``create_method`` refuses any other.
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
     #: the frozen, eval-mode teacher's only job is logits of ``batch.input``, asked through :meth:`teacher_outputs`,
     #: so they may be computed once per ``(view, sample)`` and reused when the data repeats
     #: (:mod:`kdforge.engine.teacher_cache`). A subclass that overrides ``forward_train`` must declare it again.
@@ -96,6 +111,9 @@ class Method(nn.Module, abc.ABC):
             teacher.requires_grad_(False)
             teacher.eval()
         object.__setattr__(self, "_frozen_teacher", teacher)
+        # What the student is trained to do (its own loss, post-processing, evaluator). create_method sets the run's
+        # task after construction; a plain attribute, not a module: a task holds no parameters.
+        self.task: Task = ClassificationTask(getattr(student, "num_classes", None))
         # A plain attribute, not a buffer: the cache is rebuilt at fit start and must stay out of state_dict,
         # checkpoints and DDP's buffer broadcast.
         self._teacher_cache: Tensor | None = None

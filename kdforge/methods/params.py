@@ -15,7 +15,7 @@ from kdforge.config import _unknown_key, coerce
 from kdforge.errors import ConfigError
 
 # Arguments the engine supplies from the run itself; a config may not set them.
-CONTEXT_ARGS = ("student", "teacher", "num_classes", "num_train", "train_targets", "epochs", "steps_per_epoch")
+CONTEXT_ARGS = ("student", "teacher", "num_classes", "num_train", "train_targets", "epochs", "steps_per_epoch", "task")
 
 
 def method_signature(cls: type) -> dict[str, inspect.Parameter]:

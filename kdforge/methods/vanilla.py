@@ -1,28 +1,29 @@
-"""Plain supervised training: teachers and student baselines."""
+"""Plain supervised training: teachers and student baselines, on any task."""
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from kdforge.data.batch import Batch
 from kdforge.losses.logit import cross_entropy
-from kdforge.methods.base import Method, Progress, StepOutput
+from kdforge.methods.base import Method, Progress, StepOutput, total_loss
 from kdforge.registry import METHODS
 
 
 @METHODS.register("vanilla")
 class Vanilla(Method):
-    """Cross-entropy on the labels; no teacher.
+    """The task's own loss (cross-entropy on the labels for classification); no teacher.
 
     Args:
         student: the network being trained.
-        label_smoothing: ε of label-smoothed cross-entropy (0 = plain CE).
+        label_smoothing: ε of label-smoothed cross-entropy (classification only; 0 = plain CE).
     """
 
     family = "baseline"
     paper = "-"
-    summary = "cross-entropy training without a teacher (teachers, student baselines)"
+    summary = "the task's own loss without a teacher (teachers, student baselines)"
     needs_teacher = False
+    tasks = ("*",)
 
     def __init__(self, student: nn.Module, label_smoothing: float = 0.0) -> None:
         super().__init__(student)
@@ -31,9 +32,15 @@ class Vanilla(Method):
         self.label_smoothing = label_smoothing
 
     def forward_train(self, batch: Batch, progress: Progress) -> StepOutput:
-        logits = self.student(batch.input)
-        ce = cross_entropy(logits, batch.target, self.label_smoothing)
-        return StepOutput(loss=ce, losses={"ce": ce}, logits=logits)
+        outputs = self.task.train_outputs(self.student, batch.input)
+        if self.label_smoothing:
+            if batch.targets is not None:
+                raise ValueError("label_smoothing applies to classification; set method.label_smoothing=0")
+            parts = {"ce": cross_entropy(outputs, batch.target, self.label_smoothing)}
+        else:
+            parts = self.task.loss(outputs, batch.task_targets)
+        logits = outputs if isinstance(outputs, Tensor) and outputs.ndim == 2 else None
+        return StepOutput(loss=total_loss(parts), losses=parts, logits=logits)
 
     def exports(self) -> dict[str, nn.Module]:
         # A run without a teacher trains one network, saved as model.pt (a teacher for later distillation).

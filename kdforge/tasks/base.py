@@ -73,10 +73,22 @@ class Task(abc.ABC):
 
     #: the task's name in configs and on the command line
     name: ClassVar[str]
+    #: metrics written to ``summary.json`` as ``final_<name>`` (the primary one is always there as ``best_<name>``)
+    summary_metrics: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    @abc.abstractmethod
+    def model_names(cls) -> list[str]:
+        """The networks :meth:`build_model` knows, for config validation and ``kdforge models``."""
 
     @abc.abstractmethod
     def build_model(self, arch: str, **kwargs: Any) -> nn.Module:
         """The teacher or student network of this task called ``arch``."""
+
+    def train_outputs(self, model: nn.Module, x: Tensor) -> Any:
+        """What :meth:`loss` needs from a network in training (default ``model(x)``; a segmenter with an auxiliary
+        head returns its features so the auxiliary loss can be taken)."""
+        return model(x)
 
     @abc.abstractmethod
     def loss(self, outputs: Any, targets: Any) -> dict[str, Tensor]:

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from kdforge.errors import ConfigError
 from kdforge.models.dense.segmentation import SEGMENTATION_MODELS, SegFeatures
-from kdforge.tasks.base import Evaluator, LocalReducer, Reducer
+from kdforge.registry import TASKS
+from kdforge.tasks.base import Evaluator, LocalReducer, Reducer, Task
 
 
 def confusion_matrix(preds: Tensor, targets: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
@@ -152,7 +153,8 @@ def masked_cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = 25
         return per_pixel / count
 
 
-class SegmentationTask:
+@TASKS.register("segmentation")
+class SegmentationTask(Task):
     """Semantic segmentation with K classes and an ignore index.
 
     Args:
@@ -164,13 +166,14 @@ class SegmentationTask:
     """
 
     name: ClassVar[str] = "segmentation"
+    summary_metrics: ClassVar[tuple[str, ...]] = ("mIoU", "aAcc", "mAcc")
 
     def __init__(
         self,
         num_classes: int,
         ignore_index: int = 255,
         aux_weight: float = 0.4,
-        class_names: Sequence[str] | None = None,
+        class_names: list[str] | None = None,
     ) -> None:
         if num_classes < 2:
             raise ConfigError(f"segmentation needs num_classes >= 2, got {num_classes}")
@@ -183,11 +186,20 @@ class SegmentationTask:
         self.aux_weight = aux_weight
         self.class_names = list(class_names) if class_names is not None else None
 
+    @classmethod
+    def model_names(cls) -> list[str]:
+        return sorted(SEGMENTATION_MODELS)
+
     def build_model(self, arch: str, **kw: Any) -> nn.Module:
         """A network of :data:`SEGMENTATION_MODELS` with this task's ``num_classes``."""
         if arch not in SEGMENTATION_MODELS:
             raise ConfigError(f"unknown segmentation model {arch!r}; choose one of {sorted(SEGMENTATION_MODELS)}")
+        kw.pop("num_classes", None)
         return SEGMENTATION_MODELS[arch](num_classes=self.num_classes, **kw)
+
+    def train_outputs(self, model: nn.Module, x: Tensor) -> Tensor | SegFeatures:
+        # The features carry the teacher's auxiliary logits, which the auxiliary loss needs.
+        return model.forward_features(x) if hasattr(model, "forward_features") else model(x)
 
     def loss(self, outputs: Tensor | SegFeatures, targets: Tensor) -> dict[str, Tensor]:
         """The student's own loss: ``{"ce": ...}`` plus ``{"aux_ce": aux_weight · CE(aux)}`` when outputs have one.
