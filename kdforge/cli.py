@@ -163,7 +163,9 @@ def _eval_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(format_table([result], ["checkpoint", "model", "dataset", "params", "top1", "top5", "loss", "count"]))
+        # The task's metrics in its evaluator's order; per-class entries ("IoU.cat") stay in --json.
+        head = ["checkpoint", "model", "dataset", "params"]
+        print(format_table([result], head + [k for k in result if k not in head and "." not in k]))
     return 0
 
 

@@ -119,6 +119,44 @@ def methods(out: Path, names: list[str]) -> None:
     (out / f"rank{info.rank}.json").write_text(json.dumps(sums))
 
 
+def segmentation(out: Path, names: list[str]) -> None:
+    """Segmentation under DDP: the evaluator of a sharded test split (an odd count) against one process on all of
+    it, and every segmentation method for one short epoch (checksums of every trainable tensor per rank)."""
+    from kdforge.data.dense_loader import DenseTensorLoader
+    from kdforge.engine.evaluation import evaluate as evaluate_task
+    from kdforge.registry import TASKS
+
+    info = distributed.current()
+    task = TASKS.get("segmentation")(num_classes=4)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (N_TRAIN + N_TEST, 3, 16, 16), generator=g).to(torch.uint8)
+    masks = torch.randint(0, 4, (N_TRAIN + N_TEST, 16, 16), generator=g)
+    masks[:, 0] = 255
+    common = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+
+    def loaders(rank: int, world: int) -> SimpleNamespace:
+        train = DenseTensorLoader(
+            images[:N_TRAIN], masks[:N_TRAIN], 8, train=True, rank=rank, world_size=world, **common
+        )
+        test = DenseTensorLoader(
+            images[N_TRAIN:], masks[N_TRAIN:], 5, train=False, rank=rank, world_size=world, **common
+        )
+        return SimpleNamespace(train=train, test=test, num_classes=4, num_train=N_TRAIN, train_targets=None)
+
+    torch.manual_seed(0)
+    student = task.build_model("fcn_resnet8").eval()
+    results = {"sharded": evaluate_task(student, loaders(info.rank, info.world_size).test, task=task)}
+    results["single"] = evaluate_task(student, loaders(0, 1).test, task=task)
+    for name in names:
+        torch.manual_seed(0)
+        s_net = task.build_model("fcn_resnet8")
+        t_net = task.build_model("fcn_resnet14") if METHODS.get(name).needs_teacher else None
+        method = create_method(name, s_net, t_net, task=task)
+        fit(method, loaders(info.rank, info.world_size), train={**TRAIN, "epochs": 1}, optim=OPTIM)
+        results[name] = {k: v.double().sum().item() for k, v in method.state_dict().items() if v.is_floating_point()}
+    (out / f"rank{info.rank}.json").write_text(json.dumps(results))
+
+
 def resume(out: Path) -> None:
     """CRD (per-rank negative sampling, all-gathered banks) for 2 epochs straight, and 1 epoch then resumed."""
     info = distributed.current()
@@ -196,6 +234,8 @@ def main() -> None:
         equal(out, int(rest[0]), 1, "rkd", net=DoubleNet, global_batch=True)
     elif mode == "methods":
         methods(out, rest)
+    elif mode == "segmentation":
+        segmentation(out, rest)
     elif mode == "resume":
         resume(out)
     elif mode == "fault":

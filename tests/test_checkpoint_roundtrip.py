@@ -9,39 +9,28 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import make_batch, make_method, method_task_pairs, pair_id
 
-from kdforge.data.batch import Batch
 from kdforge.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdforge.engine.env import rng_state, seed_everything, set_rng_state
 from kdforge.engine.step import update_step
-from kdforge.methods import METHODS, Progress, create_method
+from kdforge.methods import Progress
 
-CONTEXT = {"num_classes": 4, "num_train": 64, "epochs": 2, "steps_per_epoch": 4}
 STEPS = 4  # a checkpoint after step 2 of 4, then the third step on both sides
 
 
-def _batch(method, step: int) -> Batch:
-    g = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(8, 3, 8, 8, generator=g)
-    views = (x + 0.1 * torch.randn(8, 3, 8, 8, generator=g),) if method.needs_views else ()
-    batch = Batch(x, torch.arange(8) % 4, torch.arange(8) + 8 * step, views)
-    if method.needs_negatives:
-        batch.negative, batch.negative_index = torch.randn(8, 3, 8, 8, generator=g), torch.arange(8).flip(0)
-    return batch
-
-
-def _make(name, tiny_net, method_student):
-    teacher = tiny_net(seed=1) if METHODS.get(name).needs_teacher else None
-    method = create_method(name, method_student(name), teacher, context=CONTEXT)
+def _make(name, task):
+    method = make_method(name, task)
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     return method, optimizer
 
 
-def _step(method, optimizer, step: int) -> None:
+def _step(method, optimizer, task, step: int) -> None:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for sub in range(method.substeps):
         progress = Progress(0, step, step / STEPS, step / (2 * STEPS), sub)
-        update_step(method, _batch(method, step), progress, optimizer, scaler, torch.device("cpu"), torch.float32)
+        batch = make_batch(method, task, seed=100 + step)
+        update_step(method, batch, progress, optimizer, scaler, torch.device("cpu"), torch.float32)
     method.on_step_end(progress)
 
 
@@ -49,14 +38,15 @@ def _state(method) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in method.state_dict().items()}
 
 
-@pytest.mark.parametrize("name", METHODS.names())
-def test_checkpoint_mid_run_then_the_next_step_is_bit_identical(name, tiny_net, method_student, tmp_path):
+@pytest.mark.parametrize("pair", method_task_pairs(), ids=pair_id)
+def test_checkpoint_mid_run_then_the_next_step_is_bit_identical(pair, tmp_path):
+    name, task = pair
     seed_everything(0)
-    method, optimizer = _make(name, tiny_net, method_student)
+    method, optimizer = _make(name, task)
     method.train()
     method.on_epoch_start(0)
     for step in range(2):
-        _step(method, optimizer, step)
+        _step(method, optimizer, task, step)
     ckpt = {
         "method": method.state_dict(),
         "extra": method.extra_state(),
@@ -64,11 +54,11 @@ def test_checkpoint_mid_run_then_the_next_step_is_bit_identical(name, tiny_net, 
         "rng": rng_state(),
     }
     save_checkpoint(ckpt, tmp_path / "last.pt")
-    _step(method, optimizer, 2)
+    _step(method, optimizer, task, 2)
     want = _state(method)
 
     seed_everything(123)  # another random state than the run had: only the checkpoint may restore it
-    fresh, fresh_opt = _make(name, tiny_net, method_student)
+    fresh, fresh_opt = _make(name, task)
     with torch.no_grad():
         for p in fresh.parameters():
             p.add_(1.0)  # weights that differ before loading
@@ -78,7 +68,7 @@ def test_checkpoint_mid_run_then_the_next_step_is_bit_identical(name, tiny_net, 
     fresh.load_extra_state(loaded["extra"])
     fresh_opt.load_state_dict(loaded["optimizer"])
     set_rng_state(loaded["rng"])
-    _step(fresh, fresh_opt, 2)
+    _step(fresh, fresh_opt, task, 2)
     got = _state(fresh)
     assert got.keys() == want.keys()
     changed = [k for k in want if not torch.equal(want[k], got[k])]

@@ -6,12 +6,14 @@ import copy
 
 import pytest
 import torch
+from cases import TASK_CASES, make_batch, make_method, method_task_pairs, pair_id
 
 from kdforge.data.batch import Batch
 from kdforge.errors import ConfigError
 from kdforge.losses import cross_entropy, kd_loss
 from kdforge.methods import METHODS, Progress, create_method, list_methods
 from kdforge.methods.params import method_defaults
+from kdforge.registry import TASKS
 
 PROGRESS = Progress(epoch=0, step=0, epoch_float=0.0, fraction=0.0)
 
@@ -41,22 +43,25 @@ def _make(name, tiny_net, method_student, **params):
     )
 
 
-@pytest.mark.parametrize("name", METHODS.names())
-def test_every_method_step_reaches_every_trainable_parameter(name, tiny_net, method_student):
-    method = _make(name, tiny_net, method_student)
+@pytest.mark.parametrize("pair", method_task_pairs(), ids=pair_id)
+def test_every_method_step_reaches_every_trainable_parameter(pair):
+    name, task = pair
+    method = make_method(name, task)
     method.train()
-    out = method(_batch_for(method), PROGRESS)
+    out = method(make_batch(method, task), PROGRESS)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
-    assert out.logits.shape == (8 * (2 if method.needs_views else 1), 4)
+    if task == "classification":
+        assert out.logits.shape == (8 * (2 if method.needs_views else 1), 4)
     assert out.losses and all(v.ndim == 0 for v in out.losses.values())
     out.loss.backward()
     missing = [n for n, p in method.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert not missing, f"no gradient reaches {missing}"
 
 
-@pytest.mark.parametrize("name", METHODS.names())
-def test_every_method_keeps_a_frozen_teacher_identical(name, tiny_net, method_student):
-    method = _make(name, tiny_net, method_student)
+@pytest.mark.parametrize("pair", method_task_pairs(), ids=pair_id)
+def test_every_method_keeps_a_frozen_teacher_identical(pair):
+    name, task = pair
+    method = make_method(name, task)
     if method.teacher is None:
         pytest.skip("no teacher")
     # Methods that fine-tune the teacher do it on a copy: the pretrained original (their anchor) stays frozen.
@@ -64,7 +69,7 @@ def test_every_method_keeps_a_frozen_teacher_identical(name, tiny_net, method_st
     opt = torch.optim.SGD(method.trainable_parameters(), lr=0.5, momentum=0.9)
     method.train()
     for _ in range(3):
-        out = method(_batch_for(method), PROGRESS)
+        out = method(make_batch(method, task), PROGRESS)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -74,6 +79,10 @@ def test_every_method_keeps_a_frozen_teacher_identical(name, tiny_net, method_st
         assert torch.equal(value, after[key]), f"teacher {key} changed"  # BN running stats included
     assert not any(k.startswith("teacher") for k in method.state_dict())
     assert all(not p.requires_grad for p in method.teacher.parameters())
+
+
+def test_every_task_has_a_test_case():
+    assert set(TASKS.names()) <= set(TASK_CASES), "add the new task to tests/cases.py TASK_CASES"
 
 
 @pytest.mark.parametrize("name", METHODS.names())

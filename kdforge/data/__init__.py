@@ -287,6 +287,28 @@ def build_data(
             f"data.replay_views={replay_views}: replayed crop/flip views need data.augment=true, data.views=none "
             "and a count >= 0"
         )
+    if DATASETS.meta(name).get("kind") == "task":
+        # A dataset of another task builds its own loaders (targets, joint augmentation) from the same keys.
+        bundle = builder(
+            root=root,
+            download=download,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            image_size=image_size,
+            augment=augment,
+            train_subset=train_subset,
+            test_subset=test_subset,
+            device=device,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+        )
+        if len(bundle.train) == 0:
+            raise DataError(
+                f"{bundle.num_train} training samples give no full batch of {batch_size} per rank; lower "
+                "data.batch_size"
+            )
+        return bundle
     source, mean, std = builder(root, download)
     common: dict[str, Any] = {
         "batch_size": batch_size,
@@ -321,9 +343,24 @@ def build_data(
     return bundle
 
 
+def cifar10_source(root: str | None, download: bool = False) -> ArrayData:
+    """The CIFAR-10 images the no-download task datasets are made from: the embedded subset without ``root``, the
+    JPEG ``.npz`` when ``root`` is that file or a folder holding ``cifar10_jpeg.npz``, else the official archive."""
+    if root is None:
+        return _embedded_arrays()
+    path = Path(root)
+    if path.suffix == ".npz" or (path / "cifar10_jpeg.npz").is_file():
+        return load_jpeg_npz(path if path.suffix == ".npz" else path / "cifar10_jpeg.npz")
+    return load_cifar(CIFAR10, root, download_missing=download)
+
+
 def list_datasets() -> list[str]:
     """Registered dataset names."""
     return DATASETS.names()
 
 
 __all__ = ["Batch", "DataBundle", "balanced_subset", "build_data", "list_datasets"]
+
+
+# Datasets of the other tasks register themselves when their modules are imported (after DataBundle exists).
+from kdforge.data import segmentation as _segmentation  # noqa: E402, F401

@@ -27,8 +27,16 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from kdforge.data.synth.segmentation import SegArrays
+from kdforge.data import DataBundle, cifar10_source
+from kdforge.data.augment import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, normalize
+from kdforge.data.batch import Batch
+from kdforge.data.dense_augment import random_scale_crop_flip
+from kdforge.data.dense_loader import DenseTensorLoader
+from kdforge.data.loader import train_shard
+from kdforge.data.synth.segmentation import SEG_CLASSES, SegArrays, cifar_segmentation_splits
 from kdforge.errors import DataError
+from kdforge.registry import DATASETS
+from kdforge.seeding import mix_seed
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -245,9 +253,182 @@ class SegTensors:
             yield self.images[idx].to(device), self.masks[idx].to(device)
 
 
+#: scale range of the joint random scale/crop/flip for training batches (mmseg's CIFAR-scale default is (0.5, 2.0);
+#: the 64-px canvases lose their small objects below 0.75)
+TRAIN_SCALES = (0.75, 1.5)
+
+
+def _seg_augment(ignore_index: int, scales: tuple[float, float] = TRAIN_SCALES):
+    def augment(x: Tensor, masks: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        return random_scale_crop_flip(x, masks, scale_range=scales, ignore_index=ignore_index, generator=g)
+
+    return augment
+
+
+@DATASETS.register(
+    "cifar10_seg", kind="task", task="segmentation", num_classes=11, image_size=64,
+    description="no download: CIFAR-10 objects pasted through random masks on 64x64 canvases (11 classes)",
+)  # fmt: skip
+def _cifar10_seg(
+    *,
+    root: str | None,
+    download: bool,
+    batch_size: int,
+    eval_batch_size: int,
+    image_size: int | None,
+    augment: bool,
+    train_subset: int | None,
+    test_subset: int | None,
+    device: torch.device,
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> DataBundle:
+    """Canvases from the embedded CIFAR-10 subset (``data.root`` unset) or the full set (``data.root`` = the JPEG
+    ``.npz`` or the archive folder); ``data.train_subset``/``test_subset`` are the canvas counts (default 5,000 /
+    1,000), ``data.image_size`` the canvas side. The canvases are the same for every run (dataset seed 0); the run's
+    seed shuffles and augments them."""
+    src = cifar10_source(root, download)
+    size = image_size or 64
+    train, test = cifar_segmentation_splits(
+        src.train_images,
+        src.train_labels,
+        src.test_images,
+        src.test_labels,
+        num_train=train_subset or 5000,
+        num_test=test_subset or 1000,
+        size=size,
+        seed=0,
+    )
+    common = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD, "device": device, "rank": rank, "world_size": world_size}
+    train_loader = DenseTensorLoader(
+        torch.from_numpy(train.images),
+        torch.from_numpy(train.masks.astype(np.int64)),
+        batch_size,
+        train=True,
+        seed=seed,
+        augment=_seg_augment(255) if augment else None,
+        **common,
+    )
+    test_loader = DenseTensorLoader(
+        torch.from_numpy(test.images),
+        torch.from_numpy(test.masks.astype(np.int64)),
+        eval_batch_size,
+        train=False,
+        **common,
+    )
+    return DataBundle(
+        train_loader,
+        test_loader,
+        len(SEG_CLASSES),
+        list(SEG_CLASSES),
+        size,
+        CIFAR10_MEAN,
+        CIFAR10_STD,
+        len(train.images),
+    )
+
+
+class FolderSegLoader:
+    """Batches of a VOC/Cityscapes-layout split decoded once into memory (images of any size).
+
+    Training batches are padded to their largest image (:func:`pad_collate`, padding ignored) and then scaled,
+    cropped to ``image_size × image_size`` and flipped jointly on the device; evaluation batches keep every image at
+    its own size, padded to a multiple of 8 with ignored pixels, so the metric counts the original pixels exactly.
+    """
+
+    def __init__(
+        self,
+        dataset: SegmentationFolder,
+        batch_size: int,
+        *,
+        train: bool,
+        image_size: int,
+        device: torch.device,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        augment: bool = True,
+    ) -> None:
+        self.samples = [dataset[i] for i in range(len(dataset))]  # decoded and checked once
+        self.ignore_index = dataset.ignore_index
+        self.batch_size, self.train, self.image_size, self.device = batch_size, train, image_size, device
+        self.seed, self.rank, self.world_size, self.augment = seed, rank, world_size, augment
+        self.num_samples = self.dataset_size = len(self.samples)
+        self.epoch = self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.num_samples // (self.world_size * self.batch_size)
+        return -(-len(range(self.rank, self.num_samples, self.world_size)) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.train:
+            shard = train_shard(
+                self.num_samples, self.batch_size, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                world_size=self.world_size,
+            )  # fmt: skip
+            order = list(shard.view(-1, self.batch_size))
+        else:
+            order = list(torch.split(torch.arange(self.rank, self.num_samples, self.world_size), self.batch_size))
+        for i in range(self.start_batch, len(order)):
+            idx = order[i]
+            images, masks = pad_collate([self.samples[j] for j in idx.tolist()], self.ignore_index, size_divisor=8)
+            x, masks = images.to(self.device).float().div_(255.0), masks.to(self.device)
+            if self.train:
+                s = self.image_size
+                g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, self.epoch, self.rank, i, 7))
+                scales = TRAIN_SCALES if self.augment else (1.0, 1.0)
+                flip = 0.5 if self.augment else 0.0
+                x, masks = random_scale_crop_flip(x, masks, (s, s), scales, flip, self.ignore_index, g)
+            x = normalize(x.mul(255.0), IMAGENET_MEAN, IMAGENET_STD)
+            yield Batch(
+                x, torch.zeros(len(idx), dtype=torch.int64, device=self.device), idx.to(self.device), targets=masks
+            )
+        self.start_batch = 0
+
+
+@DATASETS.register(
+    "seg_folder", kind="task", task="segmentation", num_classes=None, image_size=512,
+    description="your masks: a Pascal VOC or Cityscapes (trainId) layout in data.root, splits train and val",
+)  # fmt: skip
+def _seg_folder(
+    *,
+    root: str | None,
+    download: bool,
+    batch_size: int,
+    eval_batch_size: int,
+    image_size: int | None,
+    augment: bool,
+    train_subset: int | None,
+    test_subset: int | None,
+    device: torch.device,
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> DataBundle:
+    """A VOC or Cityscapes layout (detected from the folders) with ``train`` and ``val`` splits; training crops of
+    ``data.image_size`` (default 512)."""
+    if root is None:
+        raise DataError("dataset 'seg_folder' needs data.root: a Pascal VOC or Cityscapes (trainId) layout")
+    train_set = SegmentationFolder(root, "train")
+    test_set = SegmentationFolder(root, "val", layout=train_set.layout, num_classes=train_set.num_classes)
+    size = image_size or 512
+    common = {"device": device, "rank": rank, "world_size": world_size, "image_size": size}
+    train = FolderSegLoader(train_set, batch_size, train=True, seed=seed, augment=augment, **common)
+    test = FolderSegLoader(test_set, eval_batch_size, train=False, **common)
+    return DataBundle(
+        train, test, train_set.num_classes, train_set.classes, size, IMAGENET_MEAN, IMAGENET_STD, len(train_set)
+    )
+
+
 __all__ = [
     "CITYSCAPES_CLASSES",
     "VOC_CLASSES",
+    "FolderSegLoader",
     "SegTensors",
     "SegmentationFolder",
     "detect_layout",

@@ -563,7 +563,8 @@ def _end_epoch(run: _Run, state: RunState, epoch: int, sums: EpochSums, totals: 
     run.metrics.write(record)
     key, test = f"test_{run.primary}", ""
     if key in record:
-        test = f"  test {_metric(run.primary, record[key])} (best {_metric(run.primary, state.best_top1)})"
+        label = "" if run.primary.startswith("top") else f"{run.primary} "
+        test = f"  test {label}{_metric(run.primary, record[key])} (best {_metric(run.primary, state.best_top1)})"
     test += "".join(
         f"  {k.removesuffix('_' + run.primary)} {_metric(run.primary, v)}"
         for k, v in record.items()

@@ -1,0 +1,113 @@
+"""Method × task test cases: every registered method paired with every task it declares, with tiny networks and
+batches of that task, for the registry-wide tests (test_methods, test_checkpoint_roundtrip, ...).
+
+A new task adds one entry to ``TASK_CASES``; a test fails until it does (``test_every_task_has_a_test_case``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from conftest import TinyNet
+from torch import nn
+
+from kdforge.data.batch import Batch
+from kdforge.methods import METHODS, Method, create_method
+from kdforge.models import create_model
+from kdforge.registry import TASKS
+from kdforge.tasks.base import Task
+
+NUM_CLASSES = 4
+CONTEXT = {"num_classes": NUM_CLASSES, "num_train": 64, "epochs": 2, "steps_per_epoch": 4}
+
+
+@dataclass
+class TaskCase:
+    """How to build a tiny student, teacher and batch of one task."""
+
+    task: Callable[[], Task]
+    student: Callable[[int], nn.Module]
+    teacher: Callable[[int], nn.Module]
+    batch: Callable[[Method, int], Batch]
+
+
+def _seeded(make: Callable[[], nn.Module]) -> Callable[[int], nn.Module]:
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return make()
+
+    return build
+
+
+def _classification_batch(method: Method, seed: int, n: int = 8) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    views = (x + 0.1 * torch.randn(n, 3, 8, 8, generator=g),) if method.needs_views else ()
+    batch = Batch(
+        x, torch.randint(0, NUM_CLASSES, (n,), generator=g), (torch.arange(n) + n * seed) % CONTEXT["num_train"], views
+    )
+    if method.needs_negatives:  # other-class samples (triplet KD, AMKD); their labels do not matter here
+        batch.negative, batch.negative_index = torch.randn(n, 3, 8, 8, generator=g), torch.arange(n).flip(0)
+    return batch
+
+
+def _segmentation_batch(method: Method, seed: int, n: int = 4) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.randint(0, NUM_CLASSES, (n, 32, 32), generator=g)
+    masks[:, :2] = 255  # a band of ignored pixels
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    return Batch(
+        x, torch.zeros(n, dtype=torch.int64), (torch.arange(n) + n * seed) % CONTEXT["num_train"], targets=masks
+    )
+
+
+def _segmentation_task() -> Task:
+    return TASKS.get("segmentation")(num_classes=NUM_CLASSES)
+
+
+TASK_CASES: dict[str, TaskCase] = {
+    "classification": TaskCase(
+        task=lambda: TASKS.get("classification")(num_classes=NUM_CLASSES),
+        student=_seeded(lambda: TinyNet(NUM_CLASSES)),
+        teacher=_seeded(lambda: TinyNet(NUM_CLASSES)),
+        batch=_classification_batch,
+    ),
+    "segmentation": TaskCase(
+        task=_segmentation_task,
+        student=_seeded(lambda: _segmentation_task().build_model("fcn_resnet8")),
+        teacher=_seeded(lambda: _segmentation_task().build_model("pspnet_resnet20")),
+        batch=_segmentation_batch,
+    ),
+}
+
+
+def method_task_pairs() -> list[tuple[str, str]]:
+    """``(method, task)`` for every method and every task it declares (``"*"``: every registered task)."""
+    pairs = []
+    for name in METHODS.names():
+        tasks = METHODS.get(name).tasks
+        pairs += [(name, t) for t in (TASKS.names() if "*" in tasks else tasks)]
+    return pairs
+
+
+def pair_id(pair: tuple[str, str]) -> str:
+    return pair[0] if pair[1] == "classification" else f"{pair[0]}-{pair[1]}"
+
+
+def make_method(name: str, task_name: str = "classification", **params) -> Method:
+    """Method ``name`` on a tiny student (seed 0) and teacher (seed 1) of ``task_name``."""
+    case = TASK_CASES[task_name]
+    cls = METHODS.get(name)
+    if cls.student_models:  # e.g. DATS trains only its attention-sampled networks
+        torch.manual_seed(0)
+        student = create_model(cls.student_models[0], num_classes=NUM_CLASSES)
+    else:
+        student = case.student(0)
+    teacher = case.teacher(1) if cls.needs_teacher else None
+    return create_method(name, student, teacher, context=CONTEXT, task=case.task(), **params)
+
+
+def make_batch(method: Method, task_name: str = "classification", seed: int = 3) -> Batch:
+    return TASK_CASES[task_name].batch(method, seed)
