@@ -135,11 +135,11 @@ def test_condensation_matrix_soft_and_hard() -> None:
 
 def test_soft_enhancement_uniform_and_peaked() -> None:
     w = soft_enhancement(torch.zeros(2, 3, 4, 4))
-    assert torch.allclose(w, torch.full_like(w, 4.0))  # (1 + HW·1/HW)(1 + C·1/C)
+    assert torch.allclose(w, torch.full_like(w, 4.0))  # uniform attention is its own maximum: (1 + 1)(1 + 1)
     z = torch.zeros(1, 2, 2, 2)
     z[0, 0, 0, 0] = 5.0
     w = soft_enhancement(z)
-    assert w.min() >= 1.0
+    assert w.min() >= 1.0 and w.max() <= 4.0
     assert w[0, 0, 0, 0] == w.max()  # the strongest position of the strongest channel is enhanced most
 
 
@@ -156,7 +156,7 @@ def _np_fckd(s: np.ndarray, t: np.ndarray, tau: float, hard: bool = False) -> tu
     b, c, h, w = zt.shape
     sp = np.exp(_np_log_softmax(zt.mean(1).reshape(b, -1), 1)).reshape(b, 1, h, w)
     ch = np.exp(_np_log_softmax(zt.mean((2, 3)), 1)).reshape(b, c, 1, 1)
-    e = (1 + h * w * sp) * (1 + c * ch)
+    e = (1 + sp / sp.max(axis=(2, 3), keepdims=True)) * (1 + ch / ch.max(axis=1, keepdims=True))
     zt, zs = e * zt, e * zs
     spatial = _np_kl(zt.reshape(b * c, -1) / tau, zs.reshape(b * c, -1) / tau, 1).sum() * tau**2 / (b * c)
     channel = _np_kl(zt / tau, zs / tau, 1).mean() * tau**2

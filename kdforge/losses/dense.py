@@ -169,8 +169,11 @@ def soft_enhancement(condensed_teacher: Tensor, temperature: float = 1.0) -> Ten
     """FCKDNet's spatial × channel soft-enhancement weights, from the condensed teacher (reconstructed).
 
     ``E_sp = softmax_HW(mean_c Ẑ_t / T_e)`` and ``E_ch = softmax_C(GAP(Ẑ_t) / T_e)``; the weight
-    ``(1 + HW·E_sp) ⊙ (1 + C·E_ch)`` is ≥ 1 everywhere, equals 4 where both attentions are uniform, and grows at the
-    positions and channels the teacher responds to most.
+    ``(1 + E_sp / max E_sp) ⊙ (1 + E_ch / max E_ch)`` lies in ``[1, 4]``: 4 where both attentions are uniform or at
+    their peak, closer to 1 at the positions and channels the teacher responds to least. Each attention is scaled by
+    its own maximum rather than by ``HW``/``C`` (FGD's scaling of loss weights): the gain multiplies *logits*, and an
+    unbounded gain (up to ``HW``) turned 64×64 logits into a temperature of 1/4096 and the loss into 10⁵ (measured on
+    the smoke run, 2026-11-28).
 
     Args:
         condensed_teacher: ``[B, C, H, W]``.
@@ -183,7 +186,9 @@ def soft_enhancement(condensed_teacher: Tensor, temperature: float = 1.0) -> Ten
     b, c, h, w = z.shape
     e_sp = F.softmax(z.mean(dim=1).flatten(1) / temperature, dim=1).view(b, 1, h, w)
     e_ch = F.softmax(z.mean(dim=(2, 3)) / temperature, dim=1).view(b, c, 1, 1)
-    return (1.0 + h * w * e_sp) * (1.0 + c * e_ch)
+    e_sp = e_sp / e_sp.amax(dim=(2, 3), keepdim=True)
+    e_ch = e_ch / e_ch.amax(dim=1, keepdim=True)
+    return (1.0 + e_sp) * (1.0 + e_ch)
 
 
 def fckd_losses(
