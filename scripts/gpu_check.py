@@ -278,7 +278,14 @@ def step_train(out: Path, dry: bool, budget_s: float) -> None:
 def step_tests(out: Path, log: Path, rc: int, seconds: float) -> None:
     text = log.read_text(errors="replace") if log.is_file() else ""
     tail = [line for line in text.splitlines() if line.strip()][-25:]
-    summary = next((line for line in reversed(tail) if " in " in line and ("passed" in line or "error" in line)), "")
+    summary = next(
+        (
+            line
+            for line in reversed(tail)
+            if " in " in line and any(w in line for w in ("passed", "failed", "error", "skipped", "collected"))
+        ),
+        "",
+    )
     _save(out, "cuda_tests", {"rc": rc, "seconds": seconds, "summary": summary.strip("= "), "tail": tail})
 
 
