@@ -227,7 +227,7 @@ def step_train(out: Path, dry: bool, budget_s: float) -> None:
         _save(out, "train", {"status": f"not run: {DATA} missing (run scripts/gpu_check.sh --prepare first)"})
         return
     data += ", train_subset: 256, test_subset: 100}" if dry else "}"
-    epochs_t, epochs_s = (1, 1) if dry else (15, 15)
+    epochs_t, epochs_s = (1, 1) if dry else (10, 10)
     train = (
         f"{{epochs: {{E}}, device: {'cuda' if cuda else 'cpu'}, precision: {'bf16' if cuda else 'fp32'}, "
         "channels_last: true, progress: false, log_every: 100}"
