@@ -44,6 +44,14 @@ def test_flops_per_image_follow_the_stated_formula():
     assert gc._flops_per_image("atf", "resnet20", "resnet8")[0] == 2 * (4 * t + 3 * s)
 
 
+def test_bench_plan_covers_every_row_once_headline_first():
+    gc = _gpu_check()
+    plan = gc.bench_plan()
+    assert len(plan) == len(set(plan)) == len(gc.PAIRS) * len(gc.METHODS) * len(gc.SETTINGS) + 1
+    assert plan[0] == ("kd", gc.PAIRS[0], gc.SETTINGS[0]) and plan[2][2][3]  # the third row is compiled
+    assert sum(1 for _, _, s in plan if s == gc.FAST) == 1
+
+
 def test_partial_results_render(tmp_path):
     gc = _gpu_check()
     gc._save(tmp_path, "env", {"device": "NVIDIA H200", "date": "d", "dry_run": False})
