@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is false)")
     for item in items:
-        if "cuda" in item.keywords or "gpu" in item.keywords:
+        if item.get_closest_marker("cuda") or item.get_closest_marker("gpu"):
             item.add_marker(skip)
 
 
