@@ -45,7 +45,7 @@ rm -f "$OUT/gpu_check.json"
 T0=$(date +%s)
 
 missing=$("$PY" - <<'EOF'
-import importlib
+import importlib.util
 print(" ".join(m for m in ("torch", "numpy", "yaml", "PIL", "tqdm") if importlib.util.find_spec(m) is None))
 EOF
 )

@@ -42,6 +42,7 @@ def test_flops_per_image_follow_the_stated_formula():
     s = count_macs(create_model("resnet8", num_classes=10), (1, 3, 32, 32))
     assert gc._flops_per_image("kd", "resnet20", "resnet8")[0] == 2 * (t + 3 * s)
     assert gc._flops_per_image("atf", "resnet20", "resnet8")[0] == 2 * (4 * t + 3 * s)
+    assert gc._flops_per_image("kd", "resnet20", "resnet8", cached=True)[0] == 2 * 3 * s
 
 
 def test_bench_plan_covers_every_row_once_headline_first():
