@@ -12,6 +12,19 @@ With ``teacher_cache`` a third path, ``kdforge+cache``, runs the kdforge path wi
 (:mod:`kdforge.engine.teacher_cache`); that needs inputs that repeat, so it goes with ``augment=False`` or
 ``replay_views=K``, which then apply to both kdforge paths (and ``augment=False`` to the reference too). The one-off
 fill pass is timed on its own (``teacher_cache.fill_s``), outside the steady-state numbers.
+
+Both kdforge paths fold the frozen teacher's conv + BatchNorm pairs (:mod:`kdforge.engine.teacher_fold`, exact within
+float rounding, skipped for methods that fine-tune their teacher); ``fold_teacher=False`` (``--no-fold-teacher``)
+times them unfolded. The reference never folds, as RepDistiller and mdistiller do not.
+
+**Fast mode** (documented in docs/PERFORMANCE.md): ``replay_views=K`` with ``teacher_cache`` (``--replay-views K
+--teacher-cache``) times, beside the plain kdforge path, the path a teacher-cacheable method (KD, DKD, ...) trains
+with ``data.replay_views=K`` and ``train.teacher_cache=auto``: K fixed crop/flip views per image, the folded teacher
+run once per view at the start, its logits gathered every step. ``speedup_fast`` is that path's img/s over the
+reference loop's. The reference keeps fresh random crops: it is the training users compare against.
+
+Peak memory: on CUDA each result carries the largest ``torch.cuda.max_memory_allocated`` over its timed rounds
+(statistics reset before each round); on the CPU ``None``.
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ from kdforge.engine.env import resolve_device, resolve_precision, seed_everythin
 from kdforge.engine.loop import update_step
 from kdforge.engine.optim import build_optimizer
 from kdforge.engine.teacher_cache import attach_teacher_cache
+from kdforge.engine.teacher_fold import fold_frozen_teacher
 from kdforge.errors import ConfigError
 from kdforge.methods import METHODS, Method, Progress, create_method
 from kdforge.models import create_model
@@ -205,6 +219,7 @@ def run_bench(
     augment: bool = True,
     replay_views: int = 0,
     teacher_cache: bool = False,
+    fold_teacher: bool = True,
 ) -> dict[str, Any]:
     """Time the kdforge path (and the reference loop) for ``method`` on ``teacher`` → ``student``.
 
@@ -213,7 +228,9 @@ def run_bench(
     kdforge path with the teacher's logits cached (path ``kdforge+cache``). Returns a JSON-ready dict: ``settings``,
     ``results`` (one :class:`BenchResult` dict per path), ``speedup`` (kdforge img/s ÷ reference img/s, when the
     reference ran) and, with ``teacher_cache``, ``teacher_cache`` (fill seconds, views, images, bytes and the
-    cached ÷ uncached img/s ``speedup``).
+    cached ÷ uncached img/s ``speedup``) and, with the reference too, ``speedup_fast`` (kdforge+cache ÷ reference).
+    ``fold_teacher`` folds the frozen teacher's conv + BN pairs on the kdforge paths where that is exact
+    (``settings.folded_pairs`` counts them).
     """
     if steps < 1 or warmup < 0 or batch_size < 1 or rounds < 1 or replay_views < 0:
         raise ConfigError(
@@ -271,10 +288,15 @@ def run_bench(
             replay_views=replay_views,
         )
 
+    example = torch.zeros(2, *source.train_images.shape[1:], device=dev)
+    folded: list[int] = []
+
     def kdforge_path(own: Any) -> _TimedPath:
         # Each kdforge path iterates a loader of its own: interleaved rounds must not share one loader's epoch.
+        built = make_method()
+        folded.append(len(fold_frozen_teacher(built.to(dev), example, mode="auto" if fold_teacher else "off")))
         return _TimedPath(
-            make_method(),
+            built,
             _cycle(own.train),
             device=dev,
             dtype=dtype,
@@ -288,6 +310,8 @@ def run_bench(
     crops = f"{replay_views} replayed crop/flip views" if replay_views else "random crop/flip" if augment else "no aug"
     kd_label = f"{precision_name}, channels_last={use_cl}, compile={compile_model}, data on {dev.type}, {crops}"
     paths = {"kdforge": kdforge_path(bundle)}
+    if folded[0]:
+        kd_label += f", teacher folded ({folded[0]} conv+BN)"
     labels = {"kdforge": kd_label}
     cache_info: dict[str, Any] | None = None
     if teacher_cache:
@@ -368,6 +392,8 @@ def run_bench(
             "augment": augment,
             "replay_views": replay_views,
             "teacher_cache": teacher_cache,
+            "fold_teacher": fold_teacher,
+            "folded_pairs": folded[0],
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         },
         "results": [asdict(r) for r in results.values()],
@@ -377,6 +403,8 @@ def run_bench(
     if cache_info is not None:
         cache_info["speedup"] = results["kdforge+cache"].img_per_s / results["kdforge"].img_per_s
         out["teacher_cache"] = cache_info
+        if reference:
+            out["speedup_fast"] = results["kdforge+cache"].img_per_s / results["reference"].img_per_s
     return out
 
 
@@ -407,6 +435,8 @@ def format_bench(report: dict[str, Any]) -> str:
             f"kdforge+cache / kdforge: **{c['speedup']:.2f}×**; the cache ({c['views']} views × {c['images']:,} "
             f"images, {c['bytes'] / 2**20:.1f} MiB) took {c['fill_s']:.2f} s to fill, once per run",
         ]
+    if "speedup_fast" in report:
+        lines += ["", f"fast mode (kdforge+cache) / reference: **{report['speedup_fast']:.2f}×**"]
     return "\n".join(lines)
 
 

@@ -17,6 +17,16 @@ SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10" / "cifar10_jpeg.npz
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` (or ``gpu``) are skipped, with the reason, where no CUDA device is available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is false)")
+    for item in items:
+        if item.get_closest_marker("cuda") or item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
 class TinyNet(nn.Module):
     """A 2-stage conv net for 8×8 inputs; ``num_classes`` outputs. ``norm=False`` drops BatchNorm, whose per-batch
     statistics would make a 2-process run differ from one process on the concatenated batch."""
