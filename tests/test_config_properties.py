@@ -52,7 +52,11 @@ def _section_class(tp: Any) -> type:
     raise TypeError(f"RunConfig field of type {tp} is not a section dataclass; teach these tests about it")
 
 
-SECTIONS = {f.name: _section_class(ROOT_HINTS[f.name]) for f in dataclasses.fields(RunConfig) if f.name != "method"}
+SECTIONS = {
+    f.name: _section_class(ROOT_HINTS[f.name])
+    for f in dataclasses.fields(RunConfig)
+    if f.name not in ("method", "task")
+}
 SECTION_HINTS = {sec: typing.get_type_hints(cls) for sec, cls in SECTIONS.items()}
 # (dotted key, type) of every leaf outside the method section.
 LEAVES = [(f"{sec}.{name}", tp) for sec, hints in SECTION_HINTS.items() for name, tp in hints.items()]

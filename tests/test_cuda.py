@@ -59,7 +59,7 @@ def _step(method, batch, device: torch.device, dtype: torch.dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("name", METHODS.names())
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if {"classification", "*"} & set(METHODS.get(n).tasks)])
 def test_cuda_autocast_matches_fp32_for_every_method(name, dtype, tiny_net):
     _batch, _make = _precision_helpers()
     ref_method = _make(name, tiny_net)

@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from cases import make_batch, make_method, method_task_pairs, pair_id
 from torch import nn
 
 from kdforge.data.batch import Batch
@@ -26,6 +27,13 @@ PROGRESS = Progress(epoch=0, step=0, epoch_float=0.0, fraction=0.0)
 CPU = torch.device("cpu")
 LOSS_RTOL, LOSS_ATOL = 0.03, 0.02
 GRAD_COSINE, GRAD_NORM_RTOL = 0.98, 0.10
+# DATS resamples its inputs through a grid computed from the student's own (bf16) features: a bf16 rounding of the
+# glance moves sampling positions, so its bf16 step sees slightly different pixels than the fp32 one (measured cosine
+# 0.965 on 2026-11-28). Its loss still agrees within LOSS_RTOL; the gradient direction gets this wider bound.
+GRAD_COSINE_OF = {"dats": 0.95}
+# The segmentation cases are real networks (an FCN on resnet8, 9 convolutions and a bilinear upsampling) rather than
+# the 2-layer TinyNet of the classification cases; bf16 rounding accumulates over depth (vanilla: cosine 0.979).
+GRAD_COSINE_OF_TASK = {"segmentation": 0.97}
 
 
 def _batch(method, n: int = 16, classes: int = 4) -> Batch:
@@ -39,6 +47,8 @@ def _batch(method, n: int = 16, classes: int = 4) -> Batch:
 
 
 def _make(name: str, tiny_net):
+    if METHODS.get(name).student_models:  # a method that trains only its own networks (DATS)
+        return make_method(name)
     teacher = tiny_net(seed=1) if METHODS.get(name).needs_teacher else None
     context = {
         "num_classes": 4,
@@ -62,11 +72,12 @@ def _step(method, batch: Batch, dtype: torch.dtype) -> tuple[StepOutput, list[to
     return out, grads
 
 
-@pytest.mark.parametrize("name", METHODS.names())
-def test_bf16_autocast_matches_fp32_for_every_method(name, tiny_net):
-    fp32 = _make(name, tiny_net)
+@pytest.mark.parametrize("pair", method_task_pairs(), ids=pair_id)
+def test_bf16_autocast_matches_fp32_for_every_method(pair, tiny_net):
+    name, task = pair
+    fp32 = _make(name, tiny_net) if task == "classification" else make_method(name, task)
     bf16 = copy.deepcopy(fp32)
-    batch = _batch(fp32)
+    batch = _batch(fp32) if task == "classification" else make_batch(fp32, task)
     ref, g_ref = _step(fp32, batch, torch.float32)
     out, g = _step(bf16, batch, torch.bfloat16)
     # DESIGN: losses are computed in float32 whatever the autocast dtype.
@@ -80,14 +91,16 @@ def test_bf16_autocast_matches_fp32_for_every_method(name, tiny_net):
     a, b = torch.cat(g), torch.cat(g_ref)
     assert torch.isfinite(a).all()
     cosine = torch.nn.functional.cosine_similarity(a, b, dim=0)
-    assert cosine >= GRAD_COSINE, f"{name}: gradient cosine {cosine:.4f}"
+    bound = GRAD_COSINE_OF.get(name, GRAD_COSINE_OF_TASK.get(task, GRAD_COSINE))
+    assert cosine >= bound, f"{name}/{task}: gradient cosine {cosine:.4f}"
     assert abs(a.norm() / b.norm() - 1) <= GRAD_NORM_RTOL, f"{name}: gradient norms {a.norm():.4g} vs {b.norm():.4g}"
 
 
-@pytest.mark.parametrize("name", METHODS.names())
-def test_bf16_training_steps_stay_finite(name, tiny_net):
-    method = _make(name, tiny_net)
-    batch = _batch(method)
+@pytest.mark.parametrize("pair", method_task_pairs(), ids=pair_id)
+def test_bf16_training_steps_stay_finite(pair, tiny_net):
+    name, task = pair
+    method = _make(name, tiny_net) if task == "classification" else make_method(name, task)
+    batch = _batch(method) if task == "classification" else make_batch(method, task)
     optimizer = torch.optim.SGD(method.param_groups()[0]["params"], lr=0.05, momentum=0.9)
     for group in method.param_groups()[1:]:
         optimizer.add_param_group({"params": group["params"]})
