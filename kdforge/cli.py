@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--teacher-cache", action="store_true", help="also time kdforge with cached teacher logits (kdforge+cache)"
     )
+    p.add_argument(
+        "--no-fold-teacher", action="store_true", help="keep the frozen teacher's BatchNorms on the kdforge paths"
+    )
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     p.add_argument("params", nargs="*", metavar="KEY=VALUE", help="method parameters, e.g. temperature=4")
     p = sub.add_parser("demo", help="teacher, student alone, KD and ATF on the embedded CIFAR-10 subset")
@@ -391,6 +394,7 @@ def _bench_command(args: argparse.Namespace) -> int:
         augment=not args.no_augment,
         replay_views=args.replay_views,
         teacher_cache=args.teacher_cache,
+        fold_teacher=not args.no_fold_teacher,
     )
     print(format_bench(report))
     if args.json:

@@ -122,6 +122,10 @@ class TrainConfig:
     # Teacher-output reuse: "auto" caches the frozen teacher's logits per sample when every epoch shows the teacher
     # the same input for that sample (see docs/PERFORMANCE.md), "on" insists (an error says why it can't), "off".
     teacher_cache: Literal["auto", "on", "off"] = "auto"
+    #: fold the frozen teacher's conv+BN pairs where exact (kdforge/engine/teacher_fold.py): ``auto`` where the
+    #: method allows, ``on`` insists, ``off`` (default) keeps the teacher as loaded, so results stay bit-identical to
+    #: runs made before folding existed (folded logits differ by ~2e-6 relative)
+    fold_teacher: Literal["auto", "on", "off"] = "off"
 
 
 @dataclass

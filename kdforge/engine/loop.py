@@ -56,6 +56,7 @@ from kdforge.engine.rundir import RUN_MARKERS, prepare_run_dir
 from kdforge.engine.signals import StopRequest, TrainingInterrupted, interrupted
 from kdforge.engine.step import update_step
 from kdforge.engine.teacher_cache import attach_teacher_cache
+from kdforge.engine.teacher_fold import fold_frozen_teacher
 from kdforge.errors import CheckpointError, ConfigError, KDForgeError
 from kdforge.methods.base import Method, Progress, StepOutput
 from kdforge.seeding import mix_seed
@@ -326,6 +327,10 @@ def _set_up(
         # Declared on the method class, so neither a config key nor a Python-API caller has to repeat it; a custom
         # loader without the switch must fill Batch.negative itself (the method says so if it does not).
         data.train.negatives = True
+    if train_cfg.fold_teacher != "off":
+        # One probe batch traces which BatchNorms read only their convolution (the fold is exact only there).
+        example = next(iter(data.test)).input[:2].to(device)
+        fold_frozen_teacher(method, example, mode=train_cfg.fold_teacher)
     attach_teacher_cache(method, data, mode=train_cfg.teacher_cache, device=device, dtype=dtype)
     if info.enabled:
         _check_shards(data, info)
