@@ -26,12 +26,13 @@ from kdforge.engine import distributed
 from kdforge.engine import loop as engine
 from kdforge.engine.checkpoint import CHECKPOINT_FORMAT, atomic_write_json, load_checkpoint
 from kdforge.engine.env import resolve_device, seed_everything
-from kdforge.engine.evaluation import evaluate
+from kdforge.engine.evaluation import collect_logits, evaluate
 from kdforge.engine.loop import FitResult
 from kdforge.errors import CheckpointError, ConfigError
 from kdforge.methods import Method, create_method, instantiate_method
 from kdforge.models import count_parameters, create_model, load_weights
 from kdforge.registry import TASKS
+from kdforge.report.classification import ClassificationReport, classification_report, write_classification_report
 from kdforge.tasks.base import Task
 from kdforge.validation import validate
 
@@ -300,6 +301,31 @@ def checkpoint_config(
     return state, path, merged
 
 
+def classification_report_of(
+    checkpoint: str | Path, out_dir: str | Path, overrides: dict[str, Any] | None = None
+) -> tuple[ClassificationReport, list[Path]]:
+    """Per-class precision/recall/F1, confusion matrix (text and PNG), top-k and, for two classes, the ROC curve and
+    threshold table of a classification checkpoint on its dataset's test split, written to ``out_dir``."""
+    state, path, merged = checkpoint_config(checkpoint, overrides)
+    merged.pop("teacher", None)
+    merged["method"] = {"name": "vanilla"}
+    cfg = config_from_dict(merged)
+    validate(cfg, "train")
+    if cfg.task.name != "classification":
+        raise ConfigError(f"--report is a classification report; {path} is a {cfg.task.name} run")
+    device = resolve_device(cfg.train.device)
+    cfg.data.augment = False
+    data = data_from_config(cfg.data, device)
+    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes or data.num_classes)
+    try:
+        load_weights(model, state)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    logits, targets = collect_logits(model.to(device), data.test, device=device, precision=cfg.train.precision)
+    report = classification_report(logits, targets, data.classes)
+    return report, write_classification_report(report, out_dir)
+
+
 def evaluate_checkpoint(checkpoint: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate a weight file or training checkpoint on the test split of its run's dataset.
 
@@ -338,6 +364,7 @@ __all__ = [
     "build_network",
     "build_run",
     "build_task",
+    "classification_report_of",
     "create_method",
     "create_model",
     "default_run_dir",

@@ -67,7 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="weight file, last.pt/best.pt or run dir")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--report",
+        metavar="DIR",
+        help="classification: per-class precision/recall/F1, confusion matrix (printed, PNG), ROC for two classes",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.name=resnet8 data.name=cifar10")
+    p = sub.add_parser("predict", help="a trained classifier on a folder or list of images, to a CSV")
+    p.add_argument("network", metavar="RUN_OR_FILE", help="run dir, student.pt, or an exported .torchscript.pt/.onnx")
+    p.add_argument("inputs", nargs="+", metavar="IMAGES", help="image files, folders (recursive) or .txt lists")
+    p.add_argument("--out", default="predictions.csv", metavar="CSV", help="where the CSV goes")
+    p.add_argument("--topk", type=int, default=1, help="classes (and confidences) per image")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--on-error", choices=["skip", "stop"], default="skip", help="unreadable images: list, or stop")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = sub.add_parser("methods", help="list the distillation methods")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("models", help="list the model zoo with parameter counts")
@@ -162,6 +176,14 @@ def _eval_command(args: argparse.Namespace) -> int:
     from kdforge.api import evaluate_checkpoint
     from kdforge.config import apply_overrides
 
+    if args.report:
+        from kdforge.api import classification_report_of
+        from kdforge.report.classification import format_classification_report
+
+        report, files = classification_report_of(args.checkpoint, args.report, apply_overrides({}, args.overrides))
+        print(format_classification_report(report))
+        print("wrote " + ", ".join(str(f) for f in files))
+        return 0
     result = evaluate_checkpoint(args.checkpoint, apply_overrides({}, args.overrides))
     if args.json:
         print(json.dumps(result, indent=2))
@@ -169,6 +191,29 @@ def _eval_command(args: argparse.Namespace) -> int:
         # The task's metrics in its evaluator's order; per-class entries ("IoU.cat") stay in --json.
         head = ["checkpoint", "model", "dataset", "params"]
         print(format_table([result], head + [k for k in result if k not in head and "." not in k]))
+    return 0
+
+
+def _predict_command(args: argparse.Namespace) -> int:
+    from kdforge.predict import list_images, load_predictor, predict, write_csv
+
+    predictor = load_predictor(args.network, device=args.device)
+    files = list_images(args.inputs)
+    result = predict(
+        predictor,
+        files,
+        topk=args.topk,
+        batch_size=args.batch_size,
+        on_error=args.on_error,
+        progress=not args.quiet,
+    )
+    out = write_csv(result, args.out, min(args.topk, len(predictor.preprocess.classes)))
+    for path, why in result.failed:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    print(
+        f"{len(result.rows)} images -> {out}"
+        + (f" ({len(result.failed)} unreadable, skipped)" if result.failed else "")
+    )
     return 0
 
 
@@ -406,6 +451,7 @@ COMMANDS = {
     "train": _run_command,
     "distill": _run_command,
     "eval": _eval_command,
+    "predict": _predict_command,
     "methods": _methods_command,
     "models": _models_command,
     "datasets": _datasets_command,

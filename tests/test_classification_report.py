@@ -55,3 +55,28 @@ def test_two_class_report_has_roc_and_thresholds(tmp_path: Path) -> None:
 def test_class_names_must_match_logits() -> None:
     with pytest.raises(ValueError, match="2 class names for 3 logits"):
         classification_report(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), ["a", "b"])
+
+
+def test_cli_eval_report_on_a_run(tmp_path: Path, capsys) -> None:
+    import yaml
+
+    from kdforge.api import evaluate_checkpoint
+    from kdforge.cli import main
+    from kdforge.engine.checkpoint import save_checkpoint
+    from kdforge.models import create_model
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"model": {"name": "resnet8"}, "data": {"name": "embedded", "test_subset": 100}})
+    )
+    torch.manual_seed(0)
+    save_checkpoint(create_model("resnet8", num_classes=10).state_dict(), run / "student.pt")
+    assert main(["eval", "--checkpoint", str(run), "--report", str(tmp_path / "rep")]) == 0
+    printed = capsys.readouterr().out
+    assert "confusion matrix" in printed and "airplane" in printed
+    saved = json.loads((tmp_path / "rep" / "report.json").read_text())
+    cm = torch.tensor(saved["confusion_matrix"])
+    assert int(cm.sum()) == 100
+    top1 = evaluate_checkpoint(run)["top1"]
+    assert saved["topk"]["top1"] == pytest.approx(top1) == pytest.approx(100.0 * cm.trace().item() / 100)

@@ -134,3 +134,20 @@ def test_inputs_and_sources_must_exist(tmp_path: Path) -> None:
     assert list_images([tmp_path / "list.txt"]) == [tmp_path / "a.png"]
     with pytest.raises(KDForgeError, match="does not exist"):
         load_predictor(tmp_path / "nothing.pt")
+
+
+def test_cli_predict_writes_the_csv_and_lists_unreadable_files(cifar_run, cifar_images, tmp_path, capsys) -> None:
+    from kdforge.cli import main
+
+    run, _ = cifar_run
+    folder, _ = cifar_images
+    (folder / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run), str(folder), "--out", str(out), "--topk", "2", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "10 images" in captured.out and "broken.png" in captured.err
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 10 and set(rows[0]) == {"file", "class", "confidence", "class_2", "confidence_2"}
+    assert main(["predict", str(run), str(folder), "--out", str(tmp_path / "q.csv"), "--on-error", "stop"]) != 0
+    assert "cannot read image" in capsys.readouterr().err
+    assert not (tmp_path / "q.csv").exists(), "a stopped run writes no half CSV"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from kdforge.data import _embedded_arrays
 from kdforge.data.synth.scenes import make_scenes
@@ -51,3 +52,17 @@ def test_bad_sources_are_one_clear_error(source) -> None:
         make_scenes(images.transpose(0, 2, 3, 1), labels, 4, seed=0)
     with pytest.raises(DataError, match="object_size"):
         make_scenes(images, labels, 4, seed=0, canvas=32, object_size=(20, 40))
+
+
+def test_registered_scene_dataset_is_built_once_and_cached(tmp_path, monkeypatch) -> None:
+    from test_data import _jpeg_npz
+
+    from kdforge.data import build_data
+
+    monkeypatch.setenv("KDFORGE_CACHE", str(tmp_path / "cache"))
+    _jpeg_npz(tmp_path / "small.npz", n=24)
+    first = build_data("cifar10_scenes", root=str(tmp_path / "small.npz"), batch_size=8, eval_batch_size=8)
+    assert first.image_size == 96 and first.num_train == 24 and first.test.num_samples == 24
+    assert len(list((tmp_path / "cache").glob("cifar10_scenes_*.npz"))) == 1
+    again = build_data("cifar10_scenes", root=str(tmp_path / "small.npz"), batch_size=8, eval_batch_size=8)
+    assert torch.equal(again.train.images, first.train.images) and torch.equal(again.test.labels, first.test.labels)

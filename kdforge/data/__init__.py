@@ -7,6 +7,7 @@ training device. Every dataset is registered in ``DATASETS`` (``kdforge datasets
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -17,10 +18,11 @@ import torch
 
 from kdforge.data import augment as aug
 from kdforge.data.batch import Batch
-from kdforge.data.cifar import CIFAR10, CIFAR100, ArrayData, load_cifar, load_jpeg_npz
+from kdforge.data.cifar import CIFAR10, CIFAR100, ArrayData, cache_dir, load_cifar, load_jpeg_npz
 from kdforge.data.folder import FolderLoader, ImageFolderDataset, scan_folder
 from kdforge.data.jda import JDAPolicy
 from kdforge.data.loader import TensorLoader
+from kdforge.data.synth.scenes import make_scenes
 from kdforge.errors import DataError
 from kdforge.registry import DATASETS
 
@@ -158,6 +160,37 @@ def _cifar10_jpeg(root: str | None, download: bool) -> tuple[ArrayData, tuple, t
     if root is None:
         raise DataError("cifar10_jpeg needs data.root: the JPEG .npz file or the folder holding it")
     return load_jpeg_npz(root), aug.CIFAR10_MEAN, aug.CIFAR10_STD
+
+
+@DATASETS.register(
+    "cifar10_scenes", kind="synthetic", num_classes=10, image_size=96,
+    description="no download: 96x96 scenes, a small CIFAR-10 object among distractors (DATS); root as cifar10_seg",
+)  # fmt: skip
+def _cifar10_scenes(root: str | None, download: bool) -> tuple[ArrayData, tuple, tuple]:
+    # The scenes are the same for every run (seeds 0 and 1): 5,000 from training images, 1,000 from test images. They
+    # are cached (KDFORGE_CACHE) because building them costs tens of seconds on a CPU.
+    src = cifar10_source(root, download)
+    key = hashlib.sha256(
+        b"scenes-v1" + src.train_images[:64].tobytes() + src.test_images[:64].tobytes()
+        + np.array([len(src.train_images), len(src.test_images)]).tobytes()
+    ).hexdigest()[:16]  # fmt: skip
+    cached = cache_dir() / f"cifar10_scenes_{key}.npz"
+    if cached.is_file():
+        with np.load(cached) as z:
+            arrays = {k: z[k] for k in z.files}
+    else:
+        train = make_scenes(src.train_images, src.train_labels, min(5000, len(src.train_images)), seed=0)
+        test = make_scenes(src.test_images, src.test_labels, min(1000, len(src.test_images)), seed=1)
+        arrays = {"xtr": train.images, "ytr": train.labels, "xte": test.images, "yte": test.labels}
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp.npz")
+            np.savez(tmp, **arrays)
+            tmp.replace(cached)
+        except OSError:
+            pass  # a read-only cache only costs the rebuild next time
+    data = ArrayData(arrays["xtr"], arrays["ytr"], arrays["xte"], arrays["yte"], list(src.classes))
+    return data, aug.CIFAR10_MEAN, aug.CIFAR10_STD
 
 
 @DATASETS.register(

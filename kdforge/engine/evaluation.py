@@ -59,4 +59,23 @@ def evaluate(
     return evaluator.compute(reducer)
 
 
-__all__ = ["ClassificationEvaluator", "evaluate"]
+@torch.no_grad()
+def collect_logits(
+    model: nn.Module, loader: Iterable[Batch], *, device: torch.device | str, precision: str | torch.dtype = "fp32"
+) -> tuple[Tensor, Tensor]:
+    """Every test logit and label of a classifier over ``loader`` (one process), in loader order, on the CPU:
+    ``([N, C] float32, [N] int64)`` for the reports that need more than counts (per-class scores, ROC curves)."""
+    device = torch.device(device)
+    dtype = precision if isinstance(precision, torch.dtype) else resolve_precision(precision, device)
+    logits, targets = [], []
+    with eval_mode(model):
+        for batch in loader:
+            batch = batch.to(device)
+            with autocast(device, dtype):
+                out = model(batch.input)
+            logits.append(out.float().cpu())
+            targets.append(batch.target.cpu())
+    return torch.cat(logits), torch.cat(targets)
+
+
+__all__ = ["ClassificationEvaluator", "collect_logits", "evaluate"]
