@@ -98,3 +98,25 @@ def test_deployed_student_is_deterministic_loadable_and_traceable() -> None:
     traced = torch.jit.trace(fresh, x)
     x2 = torch.randn(3, 3, 24, 24)
     torch.testing.assert_close(traced(x2), fresh(x2), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_picture_panels_and_file(tmp_path) -> None:
+    from PIL import Image
+
+    from kdforge.data import _embedded_arrays
+    from kdforge.data.augment import CIFAR10_MEAN, CIFAR10_STD, normalize
+    from kdforge.data.synth.scenes import make_scenes
+    from kdforge.report.attention_pictures import attention_rows, plot_attention
+
+    src = _embedded_arrays()
+    scenes = make_scenes(src.test_images[:50], src.test_labels[:50], 3, seed=0)
+    x = normalize(torch.from_numpy(scenes.images), CIFAR10_MEAN, CIFAR10_STD)
+    torch.manual_seed(0)
+    model = create_model("dats_resnet8", num_classes=10)
+    rows = attention_rows(model, x, torch.Generator().manual_seed(1))
+    assert list(rows) == ["input", "structure map", "structure image", "detail map", "detail image"]
+    assert rows["structure image"].shape == x.shape and rows["structure map"].ndim == 3
+    torch.testing.assert_close(rows["structure image"], model.eval().resample(x, rows["structure map"][:, None]))
+    path = plot_attention(rows, CIFAR10_MEAN, CIFAR10_STD, tmp_path / "att.png", titles=["a", "b", "c"])
+    w, h = Image.open(path).size
+    assert w > h > 300
