@@ -63,20 +63,12 @@ class LowlightKD(Method):
         with torch.no_grad():
             t = self.teacher.forward_features(batch.input)
         parts = self.task.loss(out, batch.task_targets)
-        parts.update(
-            lowlight_kd_loss(
-                out.out,
-                t.out,
-                out.feats,
-                t.feats,
-                attention_weight=self.attention_weight,
-                output_weight=self.output_weight,
-                gradient_weight=self.gradient_weight,
-                feature_weight=self.feature_weight,
-                adapter=self.adapter,
-                p=self.p,
-            )  # fmt: skip
-        )
+        kd = lowlight_kd_loss(
+            out.out, t.out, out.feats, t.feats,
+            attention_weight=self.attention_weight, output_weight=self.output_weight,
+            gradient_weight=self.gradient_weight, feature_weight=self.feature_weight, adapter=self.adapter, p=self.p,
+        )  # fmt: skip
+        parts.update(kd)
         return StepOutput(loss=total_loss(parts), losses=parts, logits=None)
 
     def exports(self) -> dict[str, nn.Module]:
