@@ -35,7 +35,9 @@ class FeatureKD(Method):
     Args:
         student: the enhancement student (``forward_features``, ``stage_channels``).
         teacher: the frozen enhancement teacher.
-        kd_weight: λ.
+        kd_weight: λ (10: the untrained student's stage MSE to a trained teacher is ~0.035 on the synthetic CIFAR
+            pairs against a task loss ~1, so 10 sets it on the scale of the ground-truth L1 term; measured
+            2026-11-28 on the smoke teacher, unet_enhancer_w12 → w8).
         stages: indices into ``EnhancerFeatures.feats`` (``[enc0, enc1, enc2, bottleneck, dec2, dec1, dec0]``);
             ``None`` = all seven.
     """
@@ -47,7 +49,7 @@ class FeatureKD(Method):
     standard_pairs = False
 
     def __init__(
-        self, student: nn.Module, teacher: nn.Module, kd_weight: float = 1.0, stages: list[int] | None = None
+        self, student: nn.Module, teacher: nn.Module, kd_weight: float = 10.0, stages: list[int] | None = None
     ) -> None:
         super().__init__(student, teacher)
         if not kd_weight >= 0:
