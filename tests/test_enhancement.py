@@ -12,18 +12,16 @@ from kdforge.losses.image import (
     attention_distill_loss,
     enhancement_loss,
     feature_distill_loss,
-    gaussian_window,
     gradient_loss,
     image_gradients,
     l1_loss,
     lowlight_kd_loss,
     output_distill_loss,
     ssim_loss,
-    ssim_map,
 )
 from kdforge.models import count_parameters
 from kdforge.models.dense.enhancer import ENHANCEMENT_MODELS, EnhancerFeatures, UNetEnhancer
-from kdforge.ops.image_metrics import psnr
+from kdforge.ops.image_metrics import gaussian_window, psnr, ssim_map
 from kdforge.profile import count_macs
 from kdforge.tasks.enhancement import EnhancementEvaluator, EnhancementTask
 
