@@ -16,6 +16,7 @@ from torch import nn
 from kdforge.data.batch import Batch
 from kdforge.methods import METHODS, Method, create_method
 from kdforge.models import create_model
+from kdforge.models.dense.enhancer import UNetEnhancer
 from kdforge.registry import TASKS
 from kdforge.tasks.base import Task
 
@@ -63,6 +64,15 @@ def _segmentation_batch(method: Method, seed: int, n: int = 4) -> Batch:
     )
 
 
+def _enhancement_batch(method: Method, seed: int, n: int = 4) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.rand(n, 3, 16, 16, generator=g)
+    low = (clean * 0.2 + 0.02 * torch.rand(n, 3, 16, 16, generator=g)).clamp(0, 1)  # dark, noisy input in [0, 1]
+    return Batch(
+        low, torch.zeros(n, dtype=torch.int64), (torch.arange(n) + n * seed) % CONTEXT["num_train"], targets=clean
+    )
+
+
 def _segmentation_task() -> Task:
     return TASKS.get("segmentation")(num_classes=NUM_CLASSES)
 
@@ -79,6 +89,12 @@ TASK_CASES: dict[str, TaskCase] = {
         student=_seeded(lambda: _segmentation_task().build_model("fcn_resnet8")),
         teacher=_seeded(lambda: _segmentation_task().build_model("pspnet_resnet20")),
         batch=_segmentation_batch,
+    ),
+    "enhancement": TaskCase(
+        task=lambda: TASKS.get("enhancement")(),
+        student=_seeded(lambda: UNetEnhancer(width=4)),
+        teacher=_seeded(lambda: UNetEnhancer(width=6)),
+        batch=_enhancement_batch,
     ),
 }
 

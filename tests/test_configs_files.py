@@ -117,12 +117,25 @@ def smoke_teachers(tmp_path_factory):
     return teacher
 
 
+def _identity_psnr(cfg) -> float:
+    """Test PSNR of the low-light input taken as its own enhancement (the identity baseline of a config's data)."""
+    import torch
+
+    from kdforge.api import data_from_config
+    from kdforge.tasks.enhancement import EnhancementEvaluator
+
+    evaluator = EnhancementEvaluator()
+    for batch in data_from_config(cfg.data, torch.device("cpu"), seed=cfg.train.seed).test:
+        evaluator.update(batch.input.clamp(0, 1), batch.targets)
+    return evaluator.compute()["psnr"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", SMOKE, ids=lambda p: p.stem)
 def test_smoke_config_learns(path, smoke_teachers, tmp_path):
     """Each smoke config runs end to end as written (2 epochs) and learns: the training loss falls from the first
     epoch to the second and the test accuracy beats chance (uniform guessing over the classes; for segmentation,
-    the pixel accuracy).
+    the pixel accuracy; for enhancement, the test PSNR beats the dark input's own PSNR by 3 dB).
 
     "The loss" is the total, or the cross-entropy on the labels (``loss_ce``) where the total holds a term that
     chases a moving target: CRD's contrast against a memory bank that epoch 1 fills from random rows rises as the
@@ -146,9 +159,16 @@ def test_smoke_config_learns(path, smoke_teachers, tmp_path):
     assert fell, [(h["train_loss"], h.get("loss_ce")) for h in result.history]
     if task == "classification":
         assert result.best_top1 > 10.0, [h["test_top1"] for h in result.history]
-    else:
-        assert task == "segmentation", f"add the chance level of task {task} to this test"
+    elif task == "segmentation":
         assert max(h["test_aAcc"] for h in result.history) > 100.0 / 11, [h["test_aAcc"] for h in result.history]
+    else:
+        assert task == "enhancement", f"add the chance level of task {task} to this test"
+        # The "chance level" of an enhancer: the dark input itself as the prediction, on the same test split.
+        baseline = _identity_psnr(load_config(path))
+        assert max(h["test_psnr"] for h in result.history) > baseline + 3.0, (
+            baseline,
+            [h["test_psnr"] for h in result.history],
+        )
     assert (out / "student.pt").is_file() or (out / "model.pt").is_file()
 
 

@@ -26,8 +26,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from kdforge.data import DataBundle, cifar10_source
+from kdforge.data.batch import Batch
 from kdforge.data.loader import mix_seed, train_shard
 from kdforge.errors import DataError
+from kdforge.registry import DATASETS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 #: LOL's split folders.
@@ -364,3 +367,185 @@ class PairLoader:
                 f = (torch.rand(2, len(idx), generator=gen) < 0.5).to(self.device)
                 low, high = joint_flip(low, high, f[0], f[1])
             yield low, high
+
+
+# ------------------------------------------------------------------------------------------- task datasets
+
+
+class EnhancementLoader(PairLoader):
+    """:class:`PairLoader` order and augmentation as the engine's loader: ``Batch`` objects, resumable mid-epoch.
+
+    Yields ``Batch(input=low, target=zeros, index, targets=high)`` with ``low``/``high`` float ``[B, 3, H, W]`` in
+    [0, 1] on the device. The input is **not** mean/std-normalised (the enhancement task's convention: residual
+    networks map an image to an image of the same range). Training randomness (crop offsets, flips) is drawn per
+    batch from ``(seed, epoch, rank, batch)``, so ``set_epoch(epoch, start_batch)`` resumes an epoch exactly where a
+    checkpoint left it; the permutation is :class:`PairLoader`'s (``train_shard``).
+
+    Args: those of :class:`PairLoader`.
+    """
+
+    def __init__(self, pairs: PairSet, batch_size: int, **kwargs: object) -> None:
+        super().__init__(pairs, batch_size, **kwargs)  # type: ignore[arg-type]
+        self.num_samples = self.dataset_size = len(pairs)
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:  # type: ignore[override]
+        """Select the permutation and augmentation of ``epoch``, starting at batch ``start_batch`` (resume)."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _batch(self, idx: list[int], low: Tensor, high: Tensor) -> Batch:
+        index = torch.tensor(idx, dtype=torch.int64, device=self.device)
+        return Batch(low, torch.zeros(len(idx), dtype=torch.int64, device=self.device), index, targets=high)
+
+    def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
+        start, self.start_batch = self.start_batch, 0
+        if not self.train:
+            for idx in self._eval_batches()[start:]:
+                got = [self.pairs.pair(i) for i in idx]
+                yield self._batch(idx, *self._to_device([g[0] for g in got], [g[1] for g in got]))
+            return
+        order = train_shard(
+            len(self.pairs), self.batch_size, seed=self.seed, epoch=self.epoch, rank=self.rank,
+            world_size=self.world_size,
+        ).tolist()  # fmt: skip
+        s = self.crop_size
+        for k in range(start, len(self)):
+            idx = order[k * self.batch_size : (k + 1) * self.batch_size]
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, k, 11))
+            got = [self.pairs.pair(i) for i in idx]
+            if self._one_size:  # whole images to the device, cropped and flipped there in one gather
+                low, high = self._to_device([g[0] for g in got], [g[1] for g in got])
+                low, high = random_joint_augment(low, high, gen, s, self.flips)
+                yield self._batch(idx, low, high)
+                continue
+            lows, highs = [], []
+            for low, high in got:  # mixed sizes: the crop is cut on the host (a view) before the transfer
+                h, w = low.shape[-2:]
+                top = int(torch.randint(0, h - s + 1, (1,), generator=gen))  # type: ignore[operator]
+                left = int(torch.randint(0, w - s + 1, (1,), generator=gen))  # type: ignore[operator]
+                lows.append(low[:, top : top + s, left : left + s])  # type: ignore[operator]
+                highs.append(high[:, top : top + s, left : left + s])  # type: ignore[operator]
+            low, high = self._to_device(lows, highs)
+            low, high = random_joint_augment(low, high, gen, None, self.flips)
+            yield self._batch(idx, low, high)
+
+
+#: The statistics of the task's inputs: none (raw [0, 1]); recorded in ``DataBundle.mean``/``std``.
+RAW_MEAN, RAW_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+#: default training crop side of the ``lol`` dataset (LOL images are 400×600)
+LOL_CROP = 128
+
+
+def _subset(pairs: PairSet, n: int | None) -> PairSet:
+    """The first ``n`` pairs (a prefix: synthetic pairs degrade the same whatever the set's size)."""
+    if n is None or n >= len(pairs):
+        return pairs
+    if n < 1:
+        raise DataError(f"a subset needs at least one pair, got {n}")
+    if isinstance(pairs, InMemoryPairs):
+        return InMemoryPairs(pairs.lows[:n], pairs.highs[:n], pairs.names[:n])
+    if isinstance(pairs, PairedFolder):
+        sub = object.__new__(PairedFolder)
+        sub.paths, sub.names, sub._sizes = pairs.paths[:n], pairs.names[:n], pairs._sizes[:n]
+        return sub
+    raise DataError(f"cannot take a subset of {type(pairs).__name__}")
+
+
+def _bundle(
+    train: PairSet,
+    test: PairSet,
+    *,
+    batch_size: int,
+    eval_batch_size: int,
+    crop_size: int | None,
+    image_size: int,
+    augment: bool,
+    device: torch.device,
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> DataBundle:
+    common = {"device": device, "rank": rank, "world_size": world_size}
+    train_loader = EnhancementLoader(
+        train, batch_size, train=True, crop_size=crop_size, seed=seed, flips=augment, **common
+    )
+    test_loader = EnhancementLoader(test, eval_batch_size, train=False, **common)
+    return DataBundle(train_loader, test_loader, 0, [], image_size, RAW_MEAN, RAW_STD, len(train))
+
+
+@DATASETS.register(
+    "cifar10_lowlight", kind="task", task="enhancement", num_classes=0, image_size=32,
+    description="no download: CIFAR-10 images as targets, synthetic low-light inputs (Lv et al. degradation)",
+)  # fmt: skip
+def _cifar10_lowlight(
+    *,
+    root: str | None,
+    download: bool,
+    batch_size: int,
+    eval_batch_size: int,
+    image_size: int | None,
+    augment: bool,
+    train_subset: int | None,
+    test_subset: int | None,
+    device: torch.device,
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> DataBundle:
+    """CIFAR-10 images (``cifar10_source(root)``: the embedded 10k/2k subset without ``data.root``) as normal-light
+    targets, their synthetic low-light versions as inputs (``kdforge.data.synth.lowlight``): the training split
+    degraded with the run's seed, the test split always with ``TEST_SEED``. ``data.train_subset``/``test_subset``
+    keep the first images. Training: random joint crops of ``data.image_size`` (default 32 = the whole image) and,
+    with ``data.augment``, random joint horizontal/vertical flips; evaluation: whole images."""
+    # Imported here: the synthesis module builds on this one's pair sets.
+    from kdforge.data.synth.lowlight import TEST_SEED, lowlight_pairs_from_arrays
+
+    src = cifar10_source(root, download)
+    side = src.train_images.shape[-1]
+    size = image_size or side
+    if size > side:
+        raise DataError(f"data.image_size {size} is larger than the {side} px CIFAR images; use at most {side}")
+    n_train = len(src.train_images) if train_subset is None else min(train_subset, len(src.train_images))
+    n_test = len(src.test_images) if test_subset is None else min(test_subset, len(src.test_images))
+    if n_train < 1 or n_test < 1:
+        raise DataError(f"data.train_subset and data.test_subset must be >= 1, got {train_subset}, {test_subset}")
+    train = lowlight_pairs_from_arrays(src.train_images[:n_train], seed)
+    test = lowlight_pairs_from_arrays(src.test_images[:n_test], TEST_SEED)
+    return _bundle(
+        train, test, batch_size=batch_size, eval_batch_size=eval_batch_size, crop_size=None if size == side else size,
+        image_size=size, augment=augment, device=device, seed=seed, rank=rank, world_size=world_size,
+    )  # fmt: skip
+
+
+@DATASETS.register(
+    "lol", kind="task", task="enhancement", num_classes=0, image_size=LOL_CROP,
+    description="your pairs: the LOL layout in data.root (our485/{low,high} train, eval15/{low,high} test)",
+)  # fmt: skip
+def _lol(
+    *,
+    root: str | None,
+    download: bool,
+    batch_size: int,
+    eval_batch_size: int,
+    image_size: int | None,
+    augment: bool,
+    train_subset: int | None,
+    test_subset: int | None,
+    device: torch.device,
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> DataBundle:
+    """A LOL-layout folder (:func:`lol_split`): ``our485`` for training on random ``data.image_size`` crops (default
+    128) with joint flips when ``data.augment``, ``eval15`` evaluated on whole images (same-size images batched)."""
+    if root is None:
+        raise DataError("dataset 'lol' needs data.root: a folder with our485/{low,high} and eval15/{low,high}")
+    if download:
+        raise DataError("dataset 'lol' cannot be downloaded by kdforge; unpack LOL into data.root")
+    train = _subset(lol_split(root, "train"), train_subset)
+    test = _subset(lol_split(root, "eval"), test_subset)
+    size = image_size or LOL_CROP
+    return _bundle(
+        train, test, batch_size=batch_size, eval_batch_size=eval_batch_size, crop_size=size, image_size=size,
+        augment=augment, device=device, seed=seed, rank=rank, world_size=world_size,
+    )  # fmt: skip

@@ -4,6 +4,11 @@ Task loss ``w1·L1 + ws·(1 − SSIM) + wg·L_grad`` (:func:`kdforge.losses.imag
 :data:`kdforge.models.dense.enhancer.ENHANCEMENT_MODELS`, prediction = the output clamped to [0, 1], metric = mean
 per-image PSNR (primary) and SSIM (:class:`EnhancementEvaluator` over :mod:`kdforge.ops.image_metrics`).
 docs/tasks/enhancement.md has the definitions, data and model numbers.
+
+Inputs are **raw [0, 1]** images, not mean/std-normalised: the networks are residual (``x + head(·)``), so the
+input and the output live in one space, and an untrained enhancer starts near the identity. The datasets of this
+task (``cifar10_lowlight``, ``lol`` in :mod:`kdforge.data.lowlight`) deliver their inputs that way
+(``DataBundle.mean = (0, 0, 0)``, ``std = (1, 1, 1)``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from kdforge.errors import ConfigError
 from kdforge.losses.image import Padding, enhancement_loss
 from kdforge.models.dense.enhancer import ENHANCEMENT_MODELS, EnhancerFeatures
 from kdforge.ops.image_metrics import psnr, ssim
-from kdforge.tasks.base import Evaluator, Reducer
+from kdforge.registry import TASKS
+from kdforge.tasks.base import Evaluator, Reducer, Task
 
 
 class EnhancementEvaluator(Evaluator):
@@ -64,8 +70,9 @@ def _image(outputs: Tensor | EnhancerFeatures) -> Tensor:
     return outputs.out if isinstance(outputs, EnhancerFeatures) else outputs
 
 
-class EnhancementTask:
-    """Low-light enhancement.
+@TASKS.register("enhancement")
+class EnhancementTask(Task):
+    """Low-light enhancement: low-light input in [0, 1] (raw, not normalised), clean target ``[B, 3, H, W]`` in [0, 1].
 
     Args:
         l1_weight: weight of the L1 to the clean image.
@@ -75,6 +82,7 @@ class EnhancementTask:
     """
 
     name: ClassVar[str] = "enhancement"
+    summary_metrics: ClassVar[tuple[str, ...]] = ("psnr", "ssim")
 
     def __init__(
         self,
@@ -101,13 +109,26 @@ class EnhancementTask:
         )
         self.ssim_padding: Padding = ssim_padding
 
-    def build_model(self, arch: str, **kw: object) -> nn.Module:
-        """A teacher or student enhancer by name (``unet_enhancer_w32`` teacher, ``_w12`` / ``_w8`` students)."""
+    @classmethod
+    def model_names(cls) -> list[str]:
+        return sorted(ENHANCEMENT_MODELS)
+
+    def build_model(self, arch: str, **kw: Any) -> nn.Module:
+        """A teacher or student enhancer by name (``unet_enhancer_w32`` teacher, ``_w12`` / ``_w8`` students).
+
+        ``num_classes`` (passed by the engine to every task's networks) is ignored: an enhancer has no classes.
+        """
         if arch not in ENHANCEMENT_MODELS:
             raise ConfigError(f"unknown enhancement model {arch!r}; choose one of {sorted(ENHANCEMENT_MODELS)}")
+        kw.pop("num_classes", None)
         if kw:
             raise ConfigError(f"enhancement model {arch!r} takes no options, got {sorted(kw)}")
         return ENHANCEMENT_MODELS[arch]()
+
+    def train_outputs(self, model: nn.Module, x: Tensor) -> Tensor | EnhancerFeatures:
+        # The stage maps come with the output of the one forward pass, for the feature and attention distillation
+        # methods; the task loss reads only ``.out``.
+        return model.forward_features(x) if hasattr(model, "forward_features") else model(x)
 
     def loss(self, outputs: Tensor | EnhancerFeatures, targets: Tensor) -> dict[str, Tensor]:
         """Named weighted parts ``{"l1", "ssim", "gradient"}`` (weight-0 parts left out) of the raw output."""
@@ -127,3 +148,6 @@ class EnhancementTask:
     def evaluator(self) -> EnhancementEvaluator:
         """Mean PSNR (primary) and SSIM, data range 1.0."""
         return EnhancementEvaluator(data_range=1.0)
+
+
+__all__ = ["EnhancementEvaluator", "EnhancementTask"]
