@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--on-error", choices=["skip", "stop"], default="skip", help="unreadable images: list, or stop")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser("enhance", help="a trained enhancer on a folder of dark images, enhanced images to a folder")
+    p.add_argument("--checkpoint", required=True, metavar="RUN", help="an enhancement run dir or weight file")
+    p.add_argument("--input", required=True, metavar="DIR", help="folder of images")
+    p.add_argument("--output", required=True, metavar="DIR", help="where <stem>.png files are written")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--on-error", choices=["skip", "stop"], default="skip", help="unreadable images: list, or stop")
     p = sub.add_parser("methods", help="list the distillation methods")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("models", help="list the model zoo with parameter counts")
@@ -215,6 +222,18 @@ def _predict_command(args: argparse.Namespace) -> int:
         + (f" ({len(result.failed)} unreadable, skipped)" if result.failed else "")
     )
     return 0
+
+
+def _enhance_command(args: argparse.Namespace) -> int:
+    from kdforge.enhance import enhance_folder
+
+    result = enhance_folder(
+        args.checkpoint, args.input, args.output, device=args.device, on_error=args.on_error, overwrite=args.overwrite
+    )
+    for path, why in result.skipped:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    print(f"{len(result.written)} enhanced images -> {args.output}")
+    return 0 if result.written else 2
 
 
 def _methods_command(args: argparse.Namespace) -> int:
@@ -452,6 +471,7 @@ COMMANDS = {
     "distill": _run_command,
     "eval": _eval_command,
     "predict": _predict_command,
+    "enhance": _enhance_command,
     "methods": _methods_command,
     "models": _models_command,
     "datasets": _datasets_command,

@@ -75,3 +75,18 @@ def test_clear_errors(tmp_path: Path) -> None:
         enhance_folder(run, src, tmp_path / "out")
     with pytest.raises(DataError, match="is not a folder"):
         enhance_folder(run, tmp_path / "missing", tmp_path / "out")
+
+
+def test_cli_enhance_writes_the_folder(tmp_path: Path, capsys) -> None:
+    from kdforge.cli import main
+
+    run, _ = _run_dir(tmp_path / "run")
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.full((9, 9, 3), 20, dtype=np.uint8)).save(src / "dark.png")
+    argv = ["enhance", "--checkpoint", str(run), "--input", str(src), "--output", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert "1 enhanced images" in capsys.readouterr().out
+    assert (tmp_path / "out" / "dark.png").is_file()
+    assert main(argv) != 0  # the output exists: one line, non-zero, nothing overwritten
+    assert "exists" in capsys.readouterr().err
