@@ -132,6 +132,32 @@ def integral(edge_logits: Tensor) -> Tensor:
 # ---------------------------------------------------------------- distillation
 
 
+def class_kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, beta: float = 2.0
+) -> Tensor:
+    """Classification KD of sigmoid class scores, per point: GFL's quality focal loss with the teacher's scores as
+    soft targets, ``sum_c BCE(s_c / T, sigmoid(t_c / T)) * |sigmoid(t_c / T) - sigmoid(s_c / T)|^beta``.
+
+    mmdet ``mmdet/models/losses/gfocal_loss.py`` ``quality_focal_loss_tensor_target`` (v3.2.0: BCE against a zero
+    target scaled by ``sigmoid(s)^beta`` where the target is 0, BCE against the target scaled by
+    ``|target - sigmoid(s)|^beta`` elsewhere — one formula, written here as one expression); the temperature (1 in
+    that code) is ours, applied to both logits. ``beta = 0`` is plain sigmoid BCE-KD. The teacher is detached.
+
+    Args:
+        student_logits: ``[N, C]``.
+        teacher_logits: ``[N, C]``.
+        temperature: ``T``.
+        beta: focusing exponent (GFL: 2).
+
+    Returns:
+        ``[N]`` unreduced loss (summed over classes).
+    """
+    s = student_logits.float() / temperature
+    target = (teacher_logits.detach().float() / temperature).sigmoid()
+    bce = F.binary_cross_entropy_with_logits(s, target, reduction="none")
+    return (bce * (target - s.sigmoid()).abs().pow(beta)).sum(dim=1)
+
+
 def ld_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 10.0) -> Tensor:
     """Per-distribution KD term of LD: ``T^2 * mean_bins KL(softmax(t / T) || softmax(s / T))``.
 
@@ -392,6 +418,7 @@ class FGDLoss(nn.Module):
 __all__ = [
     "GFL_WEIGHTS",
     "FGDLoss",
+    "class_kd_loss",
     "distribution_focal_loss",
     "fgd_masks",
     "gfl_loss",

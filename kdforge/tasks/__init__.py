@@ -5,7 +5,7 @@ it declares and the loop evaluates whatever metric the task names (DESIGN.md §2
 every task in ``kdforge.registry.TASKS``.
 """
 
-from kdforge.tasks import classification, segmentation
+from kdforge.tasks import classification, detection, segmentation
 from kdforge.tasks.base import Evaluator, LocalReducer, Reducer, Task
 
-__all__ = ["Evaluator", "LocalReducer", "Reducer", "Task", "classification", "segmentation"]
+__all__ = ["Evaluator", "LocalReducer", "Reducer", "Task", "classification", "detection", "segmentation"]
