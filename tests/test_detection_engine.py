@@ -243,6 +243,7 @@ def test_coco_det_letterboxes_and_scores_in_original_image_coordinates(tmp_path:
 # ---------------------------------------------------------------------------------------------------- the engine
 
 
+@pytest.mark.slow
 def test_train_distill_resume_and_eval_a_detector(tmp_path: Path, capsys) -> None:
     teacher_dir = tmp_path / "teacher"
     result = run(config_from_dict(_cfg("gfl_resnet8", {"name": "vanilla"})), "train", teacher_dir)
