@@ -19,8 +19,9 @@ from kdforge.cli import main
 from kdforge.config import config_from_dict
 from kdforge.data import build_data
 from kdforge.errors import ConfigError, DataError
-from kdforge.losses.detection import class_kd_loss, ld_loss, ld_vlr_loss, pkd_loss
+from kdforge.losses.detection import class_kd_loss, hcl_loss, ld_loss, ld_vlr_loss, pkd_loss, teacher_share
 from kdforge.methods import Progress
+from kdforge.methods.shared_kd import step2_weight
 from kdforge.registry import TASKS
 from kdforge.tasks.detection import DetectionEvaluator, Detections, DetectionTask
 from kdforge.validation import validate
@@ -271,3 +272,58 @@ def test_train_distill_resume_and_eval_a_detector(tmp_path: Path, capsys) -> Non
     assert main(["eval", "--checkpoint", str(tmp_path / "a")]) == 0
     printed = capsys.readouterr().out
     assert "AP" in printed and f"{straight.final['AP']:.2f}" in printed
+
+
+# ---------------------------------------------------------------------------------------------------- shared_kd
+
+
+def test_hcl_and_teacher_share_against_hand_computation() -> None:
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    mse = lambda a, b: float(((a - b) ** 2).mean())  # noqa: E731
+    pool = lambda x, k: x.reshape(2, 3, k, 8 // k, k, 8 // k).mean(dim=(3, 5))  # noqa: E731
+    # sizes 4, 2, 1 (all < 8): weights 1, 1/2, 1/4, 1/8
+    expected = (mse(s, t) + mse(pool(s, 4), pool(t, 4)) / 2 + mse(pool(s, 2), pool(t, 2)) / 4 + mse(s.mean((2, 3)),
+                t.mean((2, 3))) / 8) / (1 + 1 / 2 + 1 / 4 + 1 / 8)  # fmt: skip
+    assert hcl_loss(s, t).item() == pytest.approx(expected, rel=1e-6)
+    small_s, small_t = s[..., :2, :2], t[..., :2, :2]  # only size 1 < 2 is pooled
+    expected_small = (mse(small_s, small_t) + mse(small_s.mean((2, 3)), small_t.mean((2, 3))) / 2) / 1.5
+    assert hcl_loss(small_s, small_t).item() == pytest.approx(expected_small, rel=1e-6)
+    assert hcl_loss(s, s).item() == 0.0
+    feats = [
+        torch.randn(1, 2, 8, 8, generator=g),
+        torch.randn(1, 2, 4, 4, generator=g),
+        torch.randn(1, 2, 2, 2, generator=g),
+    ]
+    shared = teacher_share(feats)
+    assert torch.equal(shared[0], feats[0])
+    for lvl in (1, 2):
+        h = feats[lvl].shape[-1]
+        lower = feats[lvl - 1].reshape(1, 2, h, 2, h, 2).mean(dim=(3, 5))
+        torch.testing.assert_close(shared[lvl], (feats[lvl] + lower) / 2)
+
+
+def test_shared_kd_parts_and_schedule() -> None:
+    assert [step2_weight(f) for f in (0.0, 0.3, 1 / 3, 0.5, 2 / 3, 0.9)] == pytest.approx([0, 0, 0, 0.5, 1, 1])
+    method = make_method("shared_kd", "detection")
+    method.eval()
+    batch = make_batch(method, "detection")
+    progress = Progress(epoch=1, step=5, epoch_float=1.5, fraction=0.5)
+    out = method(batch, progress)
+    with torch.no_grad():
+        s = method.student.forward_features(batch.input)
+        t = method.teacher.forward_features(batch.input)
+        adapted = [a(f) for a, f in zip(method.adapters, s.feats, strict=True)]
+    share = sum(hcl_loss(a, b) for a, b in zip(adapted, teacher_share(t.feats), strict=True))
+    raw = sum(hcl_loss(a, b) for a, b in zip(adapted, t.feats, strict=True))
+    mutual = sum(
+        torch.nn.functional.mse_loss(
+            s.feats[i], torch.nn.functional.interpolate(s.feats[i + 1], size=s.feats[i].shape[-2:], mode="bilinear")
+        )
+        for i in range(2)
+    )
+    torch.testing.assert_close(out.losses["share"], share)
+    torch.testing.assert_close(out.losses["raw"], 0.5 * raw)
+    torch.testing.assert_close(out.losses["mutual"], 0.1 * mutual)
+    torch.testing.assert_close(out.loss, sum(out.losses.values()))
+    assert not type(method).exact

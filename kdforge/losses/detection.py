@@ -8,6 +8,8 @@ against ``mmdet/models/dense_heads/gfl_head.py`` (see :func:`gfl_loss`). All los
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -415,6 +417,49 @@ class FGDLoss(nn.Module):
         }
 
 
+def hcl_loss(student: Tensor, teacher: Tensor, levels: tuple[int, ...] = (4, 2, 1)) -> Tensor:
+    """Hierarchical context loss of ReviewKD (Chen et al., CVPR 2021; dvlab-research/ReviewKD ``hcl``): the MSE of
+    the full maps plus the MSE of their adaptive average pools to ``l × l`` for each ``l`` in ``levels`` smaller than
+    the map's height, with weights 1, 1/2, 1/4, ..., divided by the sum of the weights used.
+
+    Args:
+        student: ``[B, C, H, W]``.
+        teacher: ``[B, C, H, W]`` (detached here).
+        levels: pooled sizes, largest first.
+
+    Returns:
+        Scalar float32.
+    """
+    s, t = student.float(), teacher.detach().float()
+    if s.shape != t.shape:
+        raise ValueError(f"HCL compares maps of one shape, got {tuple(s.shape)} and {tuple(t.shape)}")
+    loss = F.mse_loss(s, t)
+    weight, total = 1.0, 1.0
+    for size in levels:
+        if size >= s.shape[2]:
+            continue
+        weight /= 2.0
+        loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size))
+        total += weight
+    return loss / total
+
+
+def teacher_share(teacher_feats: list[Tensor]) -> list[Tensor]:
+    """Shared-KD's teacher share (reconstructed, docs/methods/shared_kd.md): each FPN level averaged with the next
+    lower (finer) level pooled to its size, ``T~_l = (T_l + AvgPool(T_{l-1})) / 2``, ``T~_0 = T_0``; parameter-free.
+
+    Args:
+        teacher_feats: per level ``[B, C, H_l, W_l]``, finest first.
+
+    Returns:
+        The combined maps, same shapes.
+    """
+    out = [teacher_feats[0]]
+    for lower, feat in itertools.pairwise(teacher_feats):
+        out.append((feat + F.adaptive_avg_pool2d(lower, feat.shape[-2:])) / 2)
+    return out
+
+
 __all__ = [
     "GFL_WEIGHTS",
     "FGDLoss",
@@ -423,10 +468,12 @@ __all__ = [
     "fgd_masks",
     "gfl_loss",
     "giou_loss",
+    "hcl_loss",
     "integral",
     "ld_kl",
     "ld_loss",
     "ld_vlr_loss",
     "pkd_loss",
     "quality_focal_loss",
+    "teacher_share",
 ]
