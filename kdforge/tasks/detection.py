@@ -33,6 +33,9 @@ from kdforge.ops.coco_eval import ImageRecord, coco_box_metrics
 from kdforge.registry import TASKS
 from kdforge.tasks.base import Evaluator, Reducer, Task
 
+#: the metrics of :func:`kdforge.ops.coco_eval.coco_box_metrics`, in a fixed order (for the cross-rank sum)
+METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
 Outputs = tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | tuple[list[Tensor], list[Tensor]] | DetectionFeatures
 
 
@@ -107,6 +110,7 @@ class DetectionEvaluator(Evaluator):
         self.num_classes = num_classes
         self.records: list[ImageRecord] = []
         self._anonymous = False  # some batch came without image ids: images are numbered in arrival order
+        self._device = torch.device("cpu")  # where the predictions live: the device a collective sum must use
 
     def reset(self) -> None:
         self.records = []
@@ -117,6 +121,8 @@ class DetectionEvaluator(Evaluator):
         boxes, labels = targets["boxes"], targets["labels"]
         ids = targets.get("image_ids")
         self._anonymous |= ids is None
+        if preds:
+            self._device = preds[0].boxes.device
         crowd = targets.get("iscrowd")
         areas = targets.get("areas")
         scales, sizes = targets.get("scales"), targets.get("sizes")
@@ -145,11 +151,22 @@ class DetectionEvaluator(Evaluator):
             )
 
     def compute(self, reducer: Reducer | None = None) -> dict[str, float]:
-        """COCO metrics (``AP`` primary, fractions in [0, 1]) on rank 0; ``{}`` on other ranks."""
+        """COCO metrics (``AP`` primary, fractions in [0, 1]), the same on every rank (scored on rank 0)."""
         mine = (self._anonymous, self.records)
         gathered = [mine] if reducer is None else reducer.gather(mine)
-        if gathered is None:
-            return {}
+        if reducer is None:
+            assert gathered is not None
+            return self._score(gathered)
+        # Rank 0 scores the gathered images; one sum of its values (zeros elsewhere) then gives every rank the same
+        # numbers, exactly, as the training loop reads the primary metric on every rank.
+        if gathered is None and self._anonymous:  # fail on this rank too rather than wait for rank 0's sum
+            raise ValueError("a split scored over several processes needs targets['image_ids'] to order images")
+        metrics = self._score(gathered) if gathered is not None else {}
+        values = torch.tensor([metrics.get(k, 0.0) for k in METRIC_KEYS], dtype=torch.float64, device=self._device)
+        values = reducer.sum(values)
+        return {k: float(v) for k, v in zip(METRIC_KEYS, values.tolist(), strict=True)}
+
+    def _score(self, gathered: list[tuple[bool, list[ImageRecord]]]) -> dict[str, float]:
         if len(gathered) > 1 and any(anonymous for anonymous, _ in gathered):
             raise ValueError("a split scored over several processes needs targets['image_ids'] to order images")
         # stable sort: repeats of an id (a distributed sampler's padding) keep rank order and the first one is kept
