@@ -73,6 +73,26 @@ def _enhancement_batch(method: Method, seed: int, n: int = 4) -> Batch:
     )
 
 
+def _detection_batch(method: Method, seed: int, n: int = 2) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    # a small, a medium and a large box per image, so every FPN level gets positives (and its scale a gradient)
+    wh = torch.tensor([10.0, 24.0, 48.0])[None, :, None] + torch.rand(n, 3, 2, generator=g) * 4
+    xy = torch.rand(n, 3, 2, generator=g) * (64 - wh)
+    boxes = torch.cat((xy, xy + wh), dim=-1)
+    boxes = torch.cat((boxes, torch.zeros(n, 1, 4)), dim=1)
+    labels = torch.randint(0, NUM_CLASSES, (n, 4), generator=g)
+    labels[:, -1] = -1  # a padding row
+    targets = {"boxes": boxes * (labels >= 0)[..., None], "labels": labels, "image_ids": torch.arange(n) + n * seed}
+    x = torch.randn(n, 3, 64, 64, generator=g)
+    return Batch(
+        x, torch.zeros(n, dtype=torch.int64), (torch.arange(n) + n * seed) % CONTEXT["num_train"], targets=targets
+    )
+
+
+def _detection_task() -> Task:
+    return TASKS.get("detection")(num_classes=NUM_CLASSES)
+
+
 def _segmentation_task() -> Task:
     return TASKS.get("segmentation")(num_classes=NUM_CLASSES)
 
@@ -95,6 +115,12 @@ TASK_CASES: dict[str, TaskCase] = {
         student=_seeded(lambda: UNetEnhancer(width=4)),
         teacher=_seeded(lambda: UNetEnhancer(width=6)),
         batch=_enhancement_batch,
+    ),
+    "detection": TaskCase(
+        task=_detection_task,
+        student=_seeded(lambda: _detection_task().build_model("gfl_resnet8")),
+        teacher=_seeded(lambda: _detection_task().build_model("gfl_resnet20")),
+        batch=_detection_batch,
     ),
 }
 

@@ -135,7 +135,8 @@ def _identity_psnr(cfg) -> float:
 def test_smoke_config_learns(path, smoke_teachers, tmp_path):
     """Each smoke config runs end to end as written (2 epochs) and learns: the training loss falls from the first
     epoch to the second and the test accuracy beats chance (uniform guessing over the classes; for segmentation,
-    the pixel accuracy; for enhancement, the test PSNR beats the dark input's own PSNR by 3 dB).
+    the pixel accuracy; for enhancement, the test PSNR beats the dark input's own PSNR by 3 dB; for detection, a
+    valid AP50 — 2 epochs show no detection skill yet).
 
     "The loss" is the total, or the cross-entropy on the labels (``loss_ce``) where the total holds a term that
     chases a moving target: CRD's contrast against a memory bank that epoch 1 fills from random rows rises as the
@@ -161,14 +162,19 @@ def test_smoke_config_learns(path, smoke_teachers, tmp_path):
         assert result.best_top1 > 10.0, [h["test_top1"] for h in result.history]
     elif task == "segmentation":
         assert max(h["test_aAcc"] for h in result.history) > 100.0 / 11, [h["test_aAcc"] for h in result.history]
-    else:
-        assert task == "enhancement", f"add the chance level of task {task} to this test"
+    elif task == "enhancement":
         # The "chance level" of an enhancer: the dark input itself as the prediction, on the same test split.
         baseline = _identity_psnr(load_config(path))
         assert max(h["test_psnr"] for h in result.history) > baseline + 3.0, (
             baseline,
             [h["test_psnr"] for h in result.history],
         )
+    else:
+        # Two epochs on 256 canvases train a detector's regression, not yet its scores: AP is still ~0 there (the
+        # vanilla smoke teacher measured AP50 0.0 after 2 epochs on 2026-11-28), so the check is that the whole
+        # pipeline (assignment, NMS, COCO AP) ran and gave a valid fraction, beside the falling loss above.
+        assert task == "detection", f"add the chance level of task {task} to this test"
+        assert all(0.0 <= h["test_AP50"] <= 1.0 for h in result.history), [h["test_AP50"] for h in result.history]
     assert (out / "student.pt").is_file() or (out / "model.pt").is_file()
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from kdforge.errors import ConfigError
 from kdforge.losses.detection import (
     distribution_focal_loss,
     gfl_loss,
@@ -260,7 +261,7 @@ def test_forward_features_equals_forward_and_strides() -> None:
     assert [c.shape[-1] for c in cls] == [24, 12, 6]
     assert [t.shape[1] for t in f.feats] == [i.channels for i in model.feature_info] == [32, 32, 32]
     assert len(f.backbone_feats) == 4
-    with pytest.raises(ValueError, match="unknown detection model"):
+    with pytest.raises(ConfigError, match="unknown detection model"):
         task.build_model("gfl_nope")
 
 

@@ -142,13 +142,16 @@ def test_perfect_and_empty_predictions() -> None:
 
 
 class _TwoRanks:
-    """Stands two processes up in one: ``gather`` returns both ranks' objects on rank 0."""
+    """Stands two processes up in one: ``gather`` returns both ranks' objects on rank 0 (the second caller); ``sum``
+    returns the sum of the tensors given so far (exact for the last caller, which sees every rank's)."""
 
     def __init__(self) -> None:
         self.objs: list[Any] = []
+        self.sums: list[torch.Tensor] = []
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        raise AssertionError("the detection evaluator gathers, it never sums")
+        self.sums.append(tensor)
+        return torch.stack(self.sums).sum(0)
 
     def gather(self, obj: Any) -> list[Any] | None:
         self.objs.append(obj)
@@ -166,8 +169,9 @@ def test_two_rank_reduction_is_exact() -> None:
     _feed(r0, data, ids[0::2])
     _feed(r1, data, [*ids[1::2], 0])
     reducer = _TwoRanks()
-    assert r1.compute(reducer) == {}  # rank order does not matter to the result; the non-final rank gets {}
-    assert r0.compute(reducer) == expected
+    other = r1.compute(reducer)  # in real DDP both ranks leave the sum with rank 0's values; here r1 sums first
+    assert set(other) == set(expected) and all(v == 0.0 for v in other.values())
+    assert r0.compute(reducer) == expected  # rank 0's scores plus the other rank's zeros: exact
 
 
 def test_multi_rank_without_image_ids_is_an_error() -> None:
@@ -182,6 +186,7 @@ def test_multi_rank_without_image_ids_is_an_error() -> None:
             [det], {"boxes": torch.tensor(gt["boxes"]).reshape(1, -1, 4), "labels": torch.tensor(gt["labels"])[None]}
         )
     reducer = _TwoRanks()
-    r1.compute(reducer)
+    with pytest.raises(ValueError, match="image_ids"):  # every rank without ids fails, none waits in a collective
+        r1.compute(reducer)
     with pytest.raises(ValueError, match="image_ids"):
         r0.compute(reducer)

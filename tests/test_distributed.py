@@ -217,3 +217,15 @@ def test_segmentation_metrics_are_exact_and_methods_keep_ranks_identical_under_d
     assert a["sharded"] == b["sharded"] == a["single"], (a["sharded"], a["single"])
     for name in names:
         assert a[name] == b[name], name
+
+
+def test_detection_ap_is_exact_and_methods_keep_ranks_identical_under_ddp(tmp_path):
+    names = [n for n in METHODS.names() if {"detection", "*"} & set(METHODS.get(n).tasks)]
+    run_worker("detection", tmp_path, *names)
+    a = json.loads((tmp_path / "rank0.json").read_text())
+    b = json.loads((tmp_path / "rank1.json").read_text())
+    # Rank 0 gathers both shards' images, orders them by id and scores them: the one process's AP, exactly.
+    assert a["sharded"] == a["single"] and a["single"]["AR100"] > 0, (a["sharded"], a["single"])
+    assert b["sharded"] == a["sharded"] and b["single"] == a["single"]  # every rank gets rank 0's metrics
+    for name in names:
+        assert a[name] == b[name], name

@@ -27,9 +27,15 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
+from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from kdforge.data import DataBundle, cifar10_source
+from kdforge.data.augment import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
+from kdforge.data.dense_loader import DenseTensorLoader, JointAugment
+from kdforge.data.synth.detection import augment_detection, make_detection_splits
 from kdforge.errors import DataError
+from kdforge.registry import DATASETS
 
 EmptyPolicy = Literal["keep", "skip", "error"]
 
@@ -219,4 +225,190 @@ def collate_detection(items: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[Te
     return images, {"boxes": boxes, "labels": labels, "iscrowd": crowd, "areas": areas, "image_ids": ids}
 
 
-__all__ = ["CocoDetection", "CocoImage", "collate_detection"]
+def detection_augment(scale_range: tuple[float, float] = (0.75, 1.25), flip_p: float = 0.5) -> JointAugment:
+    """The joint training augmentation of the detection datasets for :class:`DenseTensorLoader`: random flip and
+    scale jitter + crop of images and boxes (:func:`kdforge.data.synth.detection.augment_detection`); other target
+    entries (``image_ids``, ``iscrowd``) pass through, and a box the crop makes too small becomes padding."""
+
+    def augment(x: Tensor, targets: dict[str, Tensor], g: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        x, boxes, labels = augment_detection(
+            x, targets["boxes"], targets["labels"], g, flip_p=flip_p, scale_range=scale_range
+        )
+        return x, {**targets, "boxes": boxes, "labels": labels}
+
+    return augment
+
+
+def letterbox(image: Tensor, size: int) -> tuple[Tensor, float]:
+    """Resizes ``image`` (uint8 ``[3, H, W]``) so its longer side is ``size`` (bilinear, antialiased, aspect kept)
+    and pads it at the right and bottom with zeros to ``size × size``.
+
+    Returns:
+        ``(uint8 [3, size, size], scale)``: a point ``(x, y)`` of the original is at ``(x·scale, y·scale)``.
+    """
+    _, h, w = image.shape
+    scale = size / max(h, w)
+    nh, nw = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
+    resized = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    out = torch.zeros(3, size, size, dtype=torch.uint8)
+    out[:, :nh, :nw] = resized[0].round().clamp(0, 255).to(torch.uint8)
+    return out, scale
+
+
+def letterbox_split(dataset: CocoDetection, size: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """Every image of ``dataset`` letterboxed to ``size`` (decoded and checked once) and padded targets.
+
+    Returns:
+        ``(images uint8 [N, 3, size, size], targets)`` with ``boxes [N, M, 4]`` scaled to the letterboxed image,
+        ``orig_boxes [N, M, 4]`` in original pixels, ``labels [N, M]`` (-1 padding), ``iscrowd``, ``areas`` (COCO
+        areas, original pixels), ``image_ids [N]`` (dataset index), ``scales [N]`` and ``sizes [N, 2]`` (original
+        ``(H, W)``).
+    """
+    n = len(dataset)
+    m = max([1] + [len(e.labels) for e in dataset.entries])
+    images = torch.zeros(n, 3, size, size, dtype=torch.uint8)
+    t = {
+        "boxes": torch.zeros(n, m, 4),
+        "orig_boxes": torch.zeros(n, m, 4),
+        "labels": torch.full((n, m), -1, dtype=torch.long),
+        "iscrowd": torch.zeros(n, m, dtype=torch.bool),
+        "areas": torch.zeros(n, m),
+        "image_ids": torch.arange(n),
+        "scales": torch.zeros(n),
+        "sizes": torch.zeros(n, 2, dtype=torch.long),
+    }
+    for i in range(n):
+        image, target = dataset[i]
+        images[i], scale = letterbox(image, size)
+        g = len(target["labels"])
+        t["boxes"][i, :g] = target["boxes"] * scale
+        t["orig_boxes"][i, :g] = target["boxes"]
+        t["labels"][i, :g] = target["labels"]
+        t["iscrowd"][i, :g] = target["iscrowd"]
+        t["areas"][i, :g] = target["areas"]
+        t["scales"][i] = scale
+        t["sizes"][i] = torch.tensor(image.shape[1:])
+    return images, t
+
+
+def _subset(images: Tensor, targets: dict[str, Tensor], count: int | None) -> tuple[Tensor, dict[str, Tensor]]:
+    if count is None or count >= len(images):
+        return images, targets
+    sub = {k: v[:count] for k, v in targets.items()}
+    return images[:count], sub
+
+
+@DATASETS.register(
+    "cifar10_det", kind="task", task="detection", num_classes=10, image_size=96,
+    description="no download: 1-4 CIFAR-10 objects (16-48 px) pasted on 96x96 canvases, boxes and 10 classes",
+)  # fmt: skip
+def _cifar10_det(
+    *,
+    root: str | None,
+    download: bool,
+    batch_size: int,
+    eval_batch_size: int,
+    image_size: int | None,
+    augment: bool,
+    train_subset: int | None,
+    test_subset: int | None,
+    device: torch.device,
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> DataBundle:
+    """Canvases (:func:`kdforge.data.synth.detection.make_detection_splits`, dataset seed 0, the same for every
+    run) from the embedded CIFAR-10 subset (``data.root`` unset) or the full set (``data.root`` = the JPEG ``.npz``
+    or the archive folder). ``data.train_subset``/``test_subset`` are the canvas counts (default 5,000 / 1,000),
+    ``data.image_size`` the canvas side (a multiple of 16, default 96). Targets: ``boxes``, ``labels`` (padded to 4
+    rows) and ``image_ids``; training batches get the joint flip + scale jitter (:func:`detection_augment`)."""
+    size = image_size or 96
+    if size % 16 != 0:
+        raise DataError(
+            f"cifar10_det needs data.image_size a multiple of 16 (the detectors' largest stride), got {size}"
+        )
+    src = cifar10_source(root, download)
+    train, test = make_detection_splits(
+        src.train_images, src.train_labels, src.test_images, src.test_labels,
+        num_train=train_subset or 5000, num_test=test_subset or 1000, seed=0, canvas_size=size,
+    )  # fmt: skip
+
+    def targets(c) -> dict[str, Tensor]:
+        return {
+            "boxes": torch.from_numpy(c.boxes),
+            "labels": torch.from_numpy(c.labels),
+            "image_ids": torch.arange(len(c.images)),
+        }
+
+    common = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD, "device": device, "rank": rank, "world_size": world_size}
+    train_loader = DenseTensorLoader(
+        torch.from_numpy(train.images), targets(train), batch_size, train=True, seed=seed,
+        augment=detection_augment() if augment else None, **common,
+    )  # fmt: skip
+    test_loader = DenseTensorLoader(
+        torch.from_numpy(test.images), targets(test), eval_batch_size, train=False, **common
+    )
+    classes = list(getattr(src, "classes", [str(k) for k in range(10)]))
+    return DataBundle(train_loader, test_loader, 10, classes, size, CIFAR10_MEAN, CIFAR10_STD, len(train.images))
+
+
+@DATASETS.register(
+    "coco_det", kind="task", task="detection", num_classes=None, image_size=320,
+    description="your boxes: COCO-format annotations/instances_{train,val}.json and image folders train/, val/ in "
+    "data.root",
+)  # fmt: skip
+def _coco_det(
+    *,
+    root: str | None,
+    download: bool,
+    batch_size: int,
+    eval_batch_size: int,
+    image_size: int | None,
+    augment: bool,
+    train_subset: int | None,
+    test_subset: int | None,
+    device: torch.device,
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> DataBundle:
+    """A COCO 2017 layout in ``data.root`` (``annotations/instances_train.json`` + ``train/``, and ``val``).
+
+    Every image is letterboxed once (:func:`letterbox`: longer side to ``data.image_size``, a multiple of 16,
+    default 320; zero padding right and bottom) and held in memory. Training boxes are scaled by the same factor
+    and get the joint flip + scale jitter. Evaluation runs on the letterboxed images, and its targets carry the
+    original boxes, COCO areas, crowd flags, each image's ``scales`` and original ``sizes``: the evaluator divides
+    the detections by the scale and clips them to the original image, so AP is computed in original image
+    coordinates (areas for APs/APm/APl are COCO's). ``data.train_subset``/``test_subset`` keep the first images by
+    id. Normalised with the ImageNet statistics.
+    """
+    if root is None:
+        raise DataError("dataset 'coco_det' needs data.root: a folder with annotations/instances_train.json, "
+                        "annotations/instances_val.json and the image folders train/ and val/")  # fmt: skip
+    size = image_size or 320
+    if size % 16 != 0:
+        raise DataError(f"coco_det needs data.image_size a multiple of 16 (the detectors' largest stride), got {size}")
+    train_set = CocoDetection.from_root(root, "train")
+    test_set = CocoDetection.from_root(root, "val")
+    if train_set.category_ids != test_set.category_ids:
+        raise DataError(
+            f"{root}: train and val annotation files list different categories ({train_set.category_ids[:10]} vs "
+            f"{test_set.category_ids[:10]}); both splits need the same categories"
+        )
+    train_images, train_t = _subset(*letterbox_split(train_set, size), train_subset)
+    test_images, test_t = _subset(*letterbox_split(test_set, size), test_subset)
+    train_t = {k: train_t[k] for k in ("boxes", "labels", "iscrowd", "image_ids")}
+    test_t = {**test_t, "boxes": test_t.pop("orig_boxes")}
+    common = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "device": device, "rank": rank, "world_size": world_size}
+    train_loader = DenseTensorLoader(
+        train_images, train_t, batch_size, train=True, seed=seed,
+        augment=detection_augment() if augment else None, **common,
+    )  # fmt: skip
+    test_loader = DenseTensorLoader(test_images, test_t, eval_batch_size, train=False, **common)
+    return DataBundle(
+        train_loader, test_loader, len(train_set.classes), train_set.classes, size, IMAGENET_MEAN, IMAGENET_STD,
+        len(train_images),
+    )  # fmt: skip
+
+
+__all__ = ["CocoDetection", "CocoImage", "collate_detection", "detection_augment", "letterbox", "letterbox_split"]

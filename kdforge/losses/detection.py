@@ -8,6 +8,8 @@ against ``mmdet/models/dense_heads/gfl_head.py`` (see :func:`gfl_loss`). All los
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -130,6 +132,32 @@ def integral(edge_logits: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------- distillation
+
+
+def class_kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, beta: float = 2.0
+) -> Tensor:
+    """Classification KD of sigmoid class scores, per point: GFL's quality focal loss with the teacher's scores as
+    soft targets, ``sum_c BCE(s_c / T, sigmoid(t_c / T)) * |sigmoid(t_c / T) - sigmoid(s_c / T)|^beta``.
+
+    mmdet ``mmdet/models/losses/gfocal_loss.py`` ``quality_focal_loss_tensor_target`` (v3.2.0: BCE against a zero
+    target scaled by ``sigmoid(s)^beta`` where the target is 0, BCE against the target scaled by
+    ``|target - sigmoid(s)|^beta`` elsewhere — one formula, written here as one expression); the temperature (1 in
+    that code) is ours, applied to both logits. ``beta = 0`` is plain sigmoid BCE-KD. The teacher is detached.
+
+    Args:
+        student_logits: ``[N, C]``.
+        teacher_logits: ``[N, C]``.
+        temperature: ``T``.
+        beta: focusing exponent (GFL: 2).
+
+    Returns:
+        ``[N]`` unreduced loss (summed over classes).
+    """
+    s = student_logits.float() / temperature
+    target = (teacher_logits.detach().float() / temperature).sigmoid()
+    bce = F.binary_cross_entropy_with_logits(s, target, reduction="none")
+    return (bce * (target - s.sigmoid()).abs().pow(beta)).sum(dim=1)
 
 
 def ld_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 10.0) -> Tensor:
@@ -389,17 +417,63 @@ class FGDLoss(nn.Module):
         }
 
 
+def hcl_loss(student: Tensor, teacher: Tensor, levels: tuple[int, ...] = (4, 2, 1)) -> Tensor:
+    """Hierarchical context loss of ReviewKD (Chen et al., CVPR 2021; dvlab-research/ReviewKD ``hcl``): the MSE of
+    the full maps plus the MSE of their adaptive average pools to ``l × l`` for each ``l`` in ``levels`` smaller than
+    the map's height, with weights 1, 1/2, 1/4, ..., divided by the sum of the weights used.
+
+    Args:
+        student: ``[B, C, H, W]``.
+        teacher: ``[B, C, H, W]`` (detached here).
+        levels: pooled sizes, largest first.
+
+    Returns:
+        Scalar float32.
+    """
+    s, t = student.float(), teacher.detach().float()
+    if s.shape != t.shape:
+        raise ValueError(f"HCL compares maps of one shape, got {tuple(s.shape)} and {tuple(t.shape)}")
+    loss = F.mse_loss(s, t)
+    weight, total = 1.0, 1.0
+    for size in levels:
+        if size >= s.shape[2]:
+            continue
+        weight /= 2.0
+        loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size))
+        total += weight
+    return loss / total
+
+
+def teacher_share(teacher_feats: list[Tensor]) -> list[Tensor]:
+    """Shared-KD's teacher share (reconstructed, docs/methods/shared_kd.md): each FPN level averaged with the next
+    lower (finer) level pooled to its size, ``T~_l = (T_l + AvgPool(T_{l-1})) / 2``, ``T~_0 = T_0``; parameter-free.
+
+    Args:
+        teacher_feats: per level ``[B, C, H_l, W_l]``, finest first.
+
+    Returns:
+        The combined maps, same shapes.
+    """
+    out = [teacher_feats[0]]
+    for lower, feat in itertools.pairwise(teacher_feats):
+        out.append((feat + F.adaptive_avg_pool2d(lower, feat.shape[-2:])) / 2)
+    return out
+
+
 __all__ = [
     "GFL_WEIGHTS",
     "FGDLoss",
+    "class_kd_loss",
     "distribution_focal_loss",
     "fgd_masks",
     "gfl_loss",
     "giou_loss",
+    "hcl_loss",
     "integral",
     "ld_kl",
     "ld_loss",
     "ld_vlr_loss",
     "pkd_loss",
     "quality_focal_loss",
+    "teacher_share",
 ]

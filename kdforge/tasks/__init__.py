@@ -5,7 +5,16 @@ it declares and the loop evaluates whatever metric the task names (DESIGN.md §2
 every task in ``kdforge.registry.TASKS``.
 """
 
-from kdforge.tasks import classification, enhancement, segmentation
+from kdforge.tasks import classification, detection, enhancement, segmentation
 from kdforge.tasks.base import Evaluator, LocalReducer, Reducer, Task
 
-__all__ = ["Evaluator", "LocalReducer", "Reducer", "Task", "classification", "enhancement", "segmentation"]
+__all__ = [
+    "Evaluator",
+    "LocalReducer",
+    "Reducer",
+    "Task",
+    "classification",
+    "detection",
+    "enhancement",
+    "segmentation",
+]

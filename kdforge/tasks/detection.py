@@ -6,7 +6,11 @@ Targets (padded so a batch stays on the device), a mapping with:
 - ``labels``: int64 ``[B, M]``, ``-1`` on padding rows;
 - optional ``image_ids``: int64 ``[B]`` dataset indices (needed to score a split spread over processes);
 - optional ``iscrowd``: bool ``[B, M]`` (crowd boxes are ignored by training and by the metric, as in COCO);
-- optional ``areas``: float ``[B, M]`` area used for APs/APm/APl (COCO's ``area`` field; default the box area).
+- optional ``areas``: float ``[B, M]`` area used for APs/APm/APl (COCO's ``area`` field; default the box area);
+- optional ``scales``: float ``[B]`` the factor an image was resized by before the network (``coco_det``'s letterbox)
+  and ``sizes``: int64 ``[B, 2]`` its original ``(H, W)``. With them the evaluator maps detections back to original
+  pixels (divides by the scale, clips to the original size) and expects ``boxes`` in original pixels too, so AP is
+  computed in original image coordinates.
 
 Model outputs are :class:`kdforge.models.dense.detection.GFLDetector`'s ``(cls_scores, bbox_preds)`` per level.
 """
@@ -20,14 +24,19 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from kdforge.errors import ConfigError
 from kdforge.losses.detection import GFL_WEIGHTS, gfl_loss, integral
-from kdforge.models.dense.detection import DETECTION_MODELS
+from kdforge.models.dense.detection import DETECTION_MODELS, DetectionFeatures
 from kdforge.ops.assign import atss_assign, grid_points, vlr_region
 from kdforge.ops.boxes import batched_nms, box_area, elementwise_iou
 from kdforge.ops.coco_eval import ImageRecord, coco_box_metrics
-from kdforge.tasks.base import Evaluator, Reducer
+from kdforge.registry import TASKS
+from kdforge.tasks.base import Evaluator, Reducer, Task
 
-Outputs = tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | tuple[list[Tensor], list[Tensor]]
+#: the metrics of :func:`kdforge.ops.coco_eval.coco_box_metrics`, in a fixed order (for the cross-rank sum)
+METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+Outputs = tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | tuple[list[Tensor], list[Tensor]] | DetectionFeatures
 
 
 @dataclass
@@ -101,6 +110,7 @@ class DetectionEvaluator(Evaluator):
         self.num_classes = num_classes
         self.records: list[ImageRecord] = []
         self._anonymous = False  # some batch came without image ids: images are numbered in arrival order
+        self._device = torch.device("cpu")  # where the predictions live: the device a collective sum must use
 
     def reset(self) -> None:
         self.records = []
@@ -111,17 +121,26 @@ class DetectionEvaluator(Evaluator):
         boxes, labels = targets["boxes"], targets["labels"]
         ids = targets.get("image_ids")
         self._anonymous |= ids is None
+        if preds:
+            self._device = preds[0].boxes.device
         crowd = targets.get("iscrowd")
         areas = targets.get("areas")
+        scales, sizes = targets.get("scales"), targets.get("sizes")
         for i, det in enumerate(preds):
             valid = labels[i] >= 0
+            det_boxes = det.boxes.detach().cpu().double()
+            if scales is not None:
+                det_boxes = det_boxes / float(scales[i])
+                if sizes is not None:
+                    h, w = (float(v) for v in sizes[i])
+                    det_boxes = torch.minimum(det_boxes.clamp(min=0), det_boxes.new_tensor([w, h, w, h]))
             gt_boxes = boxes[i][valid].detach().cpu().double()
             no_crowd = torch.zeros(gt_boxes.shape[0], dtype=torch.bool)
             gt_crowd = crowd[i][valid].detach().cpu().bool() if crowd is not None else no_crowd
             self.records.append(
                 ImageRecord(
                     image_id=int(ids[i]) if ids is not None else len(self.records),
-                    det_boxes=det.boxes.detach().cpu().double(),
+                    det_boxes=det_boxes,
                     det_scores=det.scores.detach().cpu().double(),
                     det_labels=det.labels.detach().cpu().long(),
                     gt_boxes=gt_boxes,
@@ -132,11 +151,22 @@ class DetectionEvaluator(Evaluator):
             )
 
     def compute(self, reducer: Reducer | None = None) -> dict[str, float]:
-        """COCO metrics (``AP`` primary, fractions in [0, 1]) on rank 0; ``{}`` on other ranks."""
+        """COCO metrics (``AP`` primary, fractions in [0, 1]), the same on every rank (scored on rank 0)."""
         mine = (self._anonymous, self.records)
         gathered = [mine] if reducer is None else reducer.gather(mine)
-        if gathered is None:
-            return {}
+        if reducer is None:
+            assert gathered is not None
+            return self._score(gathered)
+        # Rank 0 scores the gathered images; one sum of its values (zeros elsewhere) then gives every rank the same
+        # numbers, exactly, as the training loop reads the primary metric on every rank.
+        if gathered is None and self._anonymous:  # fail on this rank too rather than wait for rank 0's sum
+            raise ValueError("a split scored over several processes needs targets['image_ids'] to order images")
+        metrics = self._score(gathered) if gathered is not None else {}
+        values = torch.tensor([metrics.get(k, 0.0) for k in METRIC_KEYS], dtype=torch.float64, device=self._device)
+        values = reducer.sum(values)
+        return {k: float(v) for k, v in zip(METRIC_KEYS, values.tolist(), strict=True)}
+
+    def _score(self, gathered: list[tuple[bool, list[ImageRecord]]]) -> dict[str, float]:
         if len(gathered) > 1 and any(anonymous for anonymous, _ in gathered):
             raise ValueError("a split scored over several processes needs targets['image_ids'] to order images")
         # stable sort: repeats of an id (a distributed sampler's padding) keep rank order and the first one is kept
@@ -148,7 +178,8 @@ class DetectionEvaluator(Evaluator):
         return coco_box_metrics(unique, self.num_classes)
 
 
-class DetectionTask:
+@TASKS.register("detection")
+class DetectionTask(Task):
     """Object detection with GFL heads (Li et al., NeurIPS 2020) and ATSS assignment (Zhang et al., CVPR 2020).
 
     Args:
@@ -165,6 +196,7 @@ class DetectionTask:
     """
 
     name: ClassVar[str] = "detection"
+    summary_metrics: ClassVar[tuple[str, ...]] = ("AP", "AP50", "AP75")
 
     def __init__(
         self,
@@ -179,6 +211,15 @@ class DetectionTask:
         max_per_image: int = 100,
         loss_weights: dict[str, float] | None = None,
     ) -> None:
+        if num_classes < 1 or reg_max < 1 or atss_topk < 1 or anchor_scale <= 0:
+            raise ConfigError(
+                f"detection needs num_classes >= 1, reg_max >= 1, atss_topk >= 1 and anchor_scale > 0, got "
+                f"{num_classes}, {reg_max}, {atss_topk}, {anchor_scale}"
+            )
+        if not 0.0 <= score_threshold < 1.0 or not 0.0 < nms_threshold <= 1.0:
+            raise ConfigError(
+                f"need 0 <= score_threshold < 1 and 0 < nms_threshold <= 1, got {score_threshold}, {nms_threshold}"
+            )
         self.num_classes = num_classes
         self.reg_max = reg_max
         self.strides = tuple(strides)
@@ -190,16 +231,40 @@ class DetectionTask:
         self.max_per_image = max_per_image
         self.loss_weights = dict(GFL_WEIGHTS if loss_weights is None else loss_weights)
 
+    @classmethod
+    def model_names(cls) -> list[str]:
+        return sorted(DETECTION_MODELS)
+
     def build_model(self, arch: str, **kw: Any) -> nn.Module:
         """A detector from ``DETECTION_MODELS`` (``gfl_resnet8``, ``gfl_resnet20``, ``gfl_resnet56``,
-        ``gfl_resnet8x4``, ``gfl_resnet32x4``) with this task's classes and ``reg_max``."""
+        ``gfl_resnet8x4``, ``gfl_resnet32x4``) with this task's classes and ``reg_max`` (a ``num_classes`` keyword,
+        as the engine passes, is replaced by the task's)."""
         if arch not in DETECTION_MODELS:
-            raise ValueError(f"unknown detection model {arch!r}; choose from {sorted(DETECTION_MODELS)}")
+            raise ConfigError(f"unknown detection model {arch!r}; choose from {sorted(DETECTION_MODELS)}")
+        kw.pop("num_classes", None)
         return DETECTION_MODELS[arch](num_classes=self.num_classes, reg_max=self.reg_max, **kw)
+
+    def train_outputs(self, model: nn.Module, x: Tensor) -> Outputs:
+        # distillation methods read the FPN maps beside the head outputs; the loss reads only the head outputs
+        return model.forward_features(x) if hasattr(model, "forward_features") else model(x)
+
+    @staticmethod
+    def head_outputs(outputs: Outputs) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """``(cls_scores, bbox_preds)`` per level of a model's ``forward`` or ``forward_features`` output."""
+        if isinstance(outputs, DetectionFeatures):
+            return tuple(outputs.cls_scores), tuple(outputs.bbox_preds)
+        return tuple(outputs[0]), tuple(outputs[1])
+
+    def image_size(self, outputs: Outputs) -> tuple[int, int]:
+        """``(H, W)`` of the network input: the first level's map size times its stride (inputs are multiples of
+        the largest stride, so the maps divide exactly)."""
+        cls_scores, _ = self.head_outputs(outputs)
+        h, w = cls_scores[0].shape[-2:]
+        return h * self.strides[0], w * self.strides[0]
 
     def flatten(self, outputs: Outputs) -> FlatOutputs:
         """Per-level ``(cls_scores, bbox_preds)`` to :class:`FlatOutputs` with the point grid of those sizes."""
-        cls_scores, bbox_preds = outputs
+        cls_scores, bbox_preds = self.head_outputs(outputs)
         if len(cls_scores) != len(self.strides) or len(bbox_preds) != len(self.strides):
             raise ValueError(
                 f"the task has {len(self.strides)} strides {self.strides} but the model gave {len(cls_scores)} "
@@ -281,18 +346,17 @@ class DetectionTask:
         top-k taken over all levels at once).
 
         Args:
-            outputs: the model's raw outputs.
-            image_size: ``(H, W)``; boxes are clipped to it when given.
+            outputs: the model's raw outputs (``forward`` or ``forward_features``).
+            image_size: ``(H, W)`` boxes are clipped to (default: the input size, :meth:`image_size`).
 
         Returns:
             One :class:`Detections` per image, by score descending.
         """
         flat = self.flatten(outputs)
         boxes = flat.decode()
-        if image_size is not None:
-            h, w = image_size
-            limit = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
-            boxes = torch.minimum(boxes.clamp(min=0), limit)
+        h, w = image_size if image_size is not None else self.image_size(outputs)
+        limit = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
+        boxes = torch.minimum(boxes.clamp(min=0), limit)
         scores = flat.cls_logits.float().sigmoid()  # [B, N, C]
         c = scores.shape[-1]
         out = []
