@@ -59,8 +59,8 @@ class Evaluator(abc.ABC):
 
     @abc.abstractmethod
     def compute(self, reducer: Reducer | None = None) -> dict[str, float]:
-        """Metrics over everything seen by every process. Rank 0 gets them all; other ranks may get ``{}`` where
-        the metric needs gathered data."""
+        """Metrics over everything seen by every process, the same on every rank (the loop reads the primary
+        metric everywhere): gathered metrics are scored on rank 0 and shared back through ``reducer.sum``."""
 
 
 class Task(abc.ABC):
