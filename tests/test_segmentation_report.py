@@ -1,0 +1,165 @@
+"""Segmentation runs downstream of training: ``kdforge report`` tables and plots in the run's primary metric (mIoU),
+mask pictures from ``kdforge eval --pictures``, and ``kdforge export``/``profile`` of a segmentation student. Every
+check runs on tiny real runs of ``cifar10_seg`` trained once per module."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from kdforge.api import run
+from kdforge.config import config_from_dict
+from kdforge.errors import KDForgeError
+from kdforge.report.table import build_groups, scan_runs, write_report
+
+TINY = {"name": "cifar10_seg", "batch_size": 16, "eval_batch_size": 16, "train_subset": 32, "test_subset": 16}
+
+
+def _cfg(model: str, method: dict[str, Any], teacher: Path | None = None, *, seed: int = 0) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "task": {"name": "segmentation"},
+        "model": {"name": model},
+        "method": method,
+        "data": dict(TINY),
+        "optim": {"lr": 0.05},
+        "train": {"epochs": 2, "progress": False, "seed": seed, "log_every": 2},
+    }
+    if teacher is not None:
+        cfg["teacher"] = {"name": "fcn_resnet8", "checkpoint": str(teacher)}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def seg_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A teacher, the student alone and two seeds of CWD, 2 epochs each on 32 canvases (teacher and student are one
+    architecture: the report tells the teacher run from the student alone by ``teacher.checkpoint``)."""
+    root = tmp_path_factory.mktemp("seg") / "runs"
+    teacher = root / "teacher"
+    run(config_from_dict(_cfg("fcn_resnet8", {"name": "vanilla"}, seed=5)), "train", teacher)
+    run(config_from_dict(_cfg("fcn_resnet8", {"name": "vanilla"})), "train", root / "alone")
+    for seed in (0, 1):
+        run(config_from_dict(_cfg("fcn_resnet8", {"name": "cwd"}, teacher, seed=seed)), "distill", root / f"cwd{seed}")
+    return root
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _test_curve(run_dir: Path, key: str) -> list[tuple[float, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return [(float(r["epoch"]), float(r[key])) for r in records if key in r]
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+pytestmark = pytest.mark.slow  # four real (tiny) training runs shared by the module: about 30 s on two CPU cores
+
+
+def test_report_tables_are_in_the_runs_primary_metric(seg_runs: Path, tmp_path: Path) -> None:
+    (group,) = build_groups(scan_runs(seg_runs))
+    assert (group.dataset, group.teacher, group.student, group.primary) == (
+        "cifar10_seg",
+        "fcn_resnet8",
+        "fcn_resnet8",
+        "mIoU",
+    )
+    rows = {r.label: r for r in group.rows}
+    assert list(rows) == ["vanilla", "student alone", "CWD"]
+    teacher, alone, cwd = rows["vanilla"], rows["student alone"], rows["CWD"]
+    assert teacher.role == "teacher" and teacher.runs[0].path == (seg_runs / "teacher").resolve()
+    # Golden values straight from the summaries the engine wrote.
+    seeds = [_summary(seg_runs / f"cwd{s}") for s in (0, 1)]
+    assert cwd.best.n == 2
+    assert cwd.best.mean == pytest.approx(np.mean([s["best_mIoU"] for s in seeds]))
+    assert cwd.best.std == pytest.approx(np.std([s["best_mIoU"] for s in seeds], ddof=1))
+    assert cwd.final.mean == pytest.approx(np.mean([s["final_mIoU"] for s in seeds]))
+    assert alone.best.mean == _summary(seg_runs / "alone")["best_mIoU"]
+    assert cwd.gain_best.mean == pytest.approx(cwd.best.mean - alone.best.mean)
+    assert teacher.final.mean == _summary(seg_runs / "teacher")["final_mIoU"] and teacher.published is None
+    # The curves are the test mIoU per epoch from metrics.jsonl.
+    assert cwd.runs[0].curve == _test_curve(seg_runs / "cwd0", "test_mIoU") and len(cwd.runs[0].curve) == 2
+
+    report = write_report(seg_runs, tmp_path / "report", command="kdforge report runs", plots=False)
+    md = report.markdown.read_text()
+    assert "| network | method | n | best mIoU | final mIoU | gain (best) over student alone |" in md
+    assert "top-1" not in md and "Best = highest test mIoU over the evaluated epochs" in md
+    assert f"| fcn_resnet8 | CWD | 2 | {cwd.best.format()} | {cwd.final.format()} | {cwd.gain_best.mean:+.2f} |" in md
+    table = list(csv.DictReader(io.StringIO(report.csv.read_text())))
+    assert [r["metric"] for r in table] == ["mIoU"] * 3
+    assert float(table[2]["best_mean"]) == pytest.approx(cwd.best.mean, abs=1e-4)
+
+
+def test_report_plots_are_labelled_with_the_primary_metric(
+    seg_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kdforge.report.plots as plots
+
+    seen: dict[str, Any] = {}
+
+    def curves(data: Any, path: Any, *, title: str = "", ylabel: str = "") -> Path:
+        seen["curves"], seen["curves_label"] = data, ylabel
+        return Path(path)
+
+    def gains(data: Any, path: Any, *, title: str = "", ylabel: str = "") -> Path:
+        seen["gains_label"] = ylabel
+        return Path(path)
+
+    monkeypatch.setattr(plots, "plot_seed_curves", curves)
+    monkeypatch.setattr(plots, "plot_gains", gains)
+    write_report(seg_runs, tmp_path / "report", command="kdforge report runs")
+    assert seen["curves_label"] == "test mIoU (%)"
+    assert seen["gains_label"] == "gain in best mIoU over the student alone (points)"
+    assert seen["curves"]["CWD"] == [_test_curve(seg_runs / f"cwd{s}", "test_mIoU") for s in (0, 1)]
+    assert seen["curves"]["teacher fcn_resnet8"] == [_test_curve(seg_runs / "teacher", "test_mIoU")]
+
+
+def test_report_writes_real_pngs_for_segmentation(seg_runs: Path, tmp_path: Path) -> None:
+    report = write_report(seg_runs, tmp_path / "report", command="kdforge report runs")
+    assert sorted(p.name for p in report.plots) == [
+        "cifar10_seg_fcn_resnet8_fcn_resnet8_curves.png",
+        "cifar10_seg_fcn_resnet8_fcn_resnet8_gains.png",
+    ]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in report.plots)
+
+
+def test_classification_and_segmentation_runs_get_separate_tables(seg_runs: Path, tmp_path: Path) -> None:
+    root = tmp_path / "mixed"
+    shutil.copytree(seg_runs, root / "seg")  # the copies' teacher.checkpoint still names the original teacher
+    cls = root / "cls"
+    for name, teacher, best in (("t", None, 80.0), ("kd", "resnet20", 71.0)):
+        d = cls / name
+        d.mkdir(parents=True)
+        config: dict[str, Any] = {"model": {"name": "resnet8" if teacher else "resnet20"}, "method": {"name": "kd"}}
+        config["data"] = {"name": "cifar10"}
+        if teacher:
+            config["teacher"] = {"name": teacher, "checkpoint": str(cls / "t")}
+        (d / "config.yaml").write_text(yaml.safe_dump(config))
+        (d / "summary.json").write_text(json.dumps({"best_top1": best, "final_top1": best - 1}))
+    report = write_report(root, tmp_path / "report", command="kdforge report mixed", plots=False)
+    assert [(g.dataset, g.primary) for g in report.groups] == [("cifar10", "top1"), ("cifar10_seg", "mIoU")]
+    md = report.markdown.read_text()
+    assert "| best top-1 | final top-1 |" in md and "| best mIoU | final mIoU |" in md
+    assert "Best = highest test top-1 or mIoU over the evaluated epochs" in md
+    table = list(csv.DictReader(io.StringIO(report.csv.read_text())))
+    assert [r["metric"] for r in table] == ["top1", "top1", "mIoU", "mIoU", "mIoU"]
+
+
+def test_a_summary_without_its_primary_metric_is_one_clear_error(seg_runs: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    (broken / "teacher").mkdir(parents=True)
+    (broken / "teacher" / "config.yaml").write_text((seg_runs / "teacher" / "config.yaml").read_text())
+    summary = {k: v for k, v in _summary(seg_runs / "cwd0").items() if k != "best_mIoU"}
+    (broken / "cwd").mkdir()
+    (broken / "cwd" / "config.yaml").write_text((seg_runs / "cwd0" / "config.yaml").read_text())
+    (broken / "cwd" / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(KDForgeError, match=r"summary.json has no 'best_mIoU'"):
+        build_groups(scan_runs(broken))
