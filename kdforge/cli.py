@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kdforge.errors import KDForgeError
+from kdforge.errors import ConfigError, KDForgeError
 from kdforge.registry import UnknownNameError
 
 
@@ -67,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="weight file, last.pt/best.pt or run dir")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--pictures", type=int, default=None, metavar="N", help="segmentation: also draw the first N test images' masks"
+    )
+    p.add_argument(
+        "--teacher",
+        metavar="PATH",
+        help="teacher run dir or weight file drawn beside the student (default: the run's teacher; 'none')",
+    )
+    p.add_argument("--pictures-out", metavar="FILE", help="the PNG of --pictures (default: <run dir>/masks.png)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.name=resnet8 data.name=cifar10")
     p = sub.add_parser("methods", help="list the distillation methods")
     p.add_argument("--json", action="store_true")
@@ -159,13 +168,26 @@ def _eval_command(args: argparse.Namespace) -> int:
     from kdforge.api import evaluate_checkpoint
     from kdforge.config import apply_overrides
 
-    result = evaluate_checkpoint(args.checkpoint, apply_overrides({}, args.overrides))
+    overrides = apply_overrides({}, args.overrides)
+    if args.pictures is None and (args.teacher or args.pictures_out):
+        raise ConfigError("--teacher and --pictures-out go with --pictures N (how many test images to draw)")
+    if args.pictures is not None and args.pictures < 1:
+        raise ConfigError(f"--pictures {args.pictures}: ask for at least 1 picture")
+    result = evaluate_checkpoint(args.checkpoint, overrides)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         # The task's metrics in its evaluator's order; per-class entries ("IoU.cat") stay in --json.
         head = ["checkpoint", "model", "dataset", "params"]
         print(format_table([result], head + [k for k in result if k not in head and "." not in k]))
+    if args.pictures is not None:
+        from kdforge.api import mask_pictures
+
+        grid = mask_pictures(
+            args.checkpoint, args.pictures, teacher=args.teacher, out=args.pictures_out, overrides=overrides
+        )
+        # On stderr under --json, so stdout stays one JSON document.
+        print(f"pictures: {grid.path} ({', '.join(grid.columns)})", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

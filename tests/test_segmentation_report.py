@@ -13,11 +13,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
-from kdforge.api import run
+from kdforge.api import build_network, mask_pictures, run
+from kdforge.cli import main
 from kdforge.config import config_from_dict
-from kdforge.errors import KDForgeError
+from kdforge.data import build_data
+from kdforge.errors import CheckpointError, ConfigError, KDForgeError
+from kdforge.models import create_model
+from kdforge.registry import TASKS
+from kdforge.report.masks import IGNORE_COLOR, MaskGrid, colorize, voc_palette
 from kdforge.report.table import build_groups, scan_runs, write_report
 
 TINY = {"name": "cifar10_seg", "batch_size": 16, "eval_batch_size": 16, "train_subset": 32, "test_subset": 16}
@@ -163,3 +169,116 @@ def test_a_summary_without_its_primary_metric_is_one_clear_error(seg_runs: Path,
     (broken / "cwd" / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(KDForgeError, match=r"summary.json has no 'best_mIoU'"):
         build_groups(scan_runs(broken))
+
+
+# ---------------------------------------------------------------------------------------------------- pictures
+
+
+def test_voc_palette_matches_the_devkit_colours() -> None:
+    palette = voc_palette()
+    # VOCdevkit's colours: background, aeroplane, bicycle, bird, boat ... person (15); 255 is "void".
+    assert palette[:5].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128]]
+    assert palette[15].tolist() == [192, 128, 128] and palette[255].tolist() == list(IGNORE_COLOR)
+    assert len({tuple(c) for c in palette}) == 256
+    mask = np.array([[0, 1], [255, 4]])
+    assert colorize(mask, palette[:5]).tolist() == [[[0, 0, 0], [128, 0, 0]], [list(IGNORE_COLOR), [0, 0, 128]]]
+    with pytest.raises(KDForgeError, match="mask holds class 7 but the palette has 5 colours"):
+        colorize(np.array([[7]]), palette[:5])
+
+
+def _png(path: Path) -> np.ndarray:
+    import matplotlib.image
+
+    return (matplotlib.image.imread(path)[..., :3] * 255).round().astype(np.uint8)
+
+
+def _panel(grid: MaskGrid, picture: np.ndarray, row: int, column: str) -> np.ndarray:
+    x0, y0, x1, y1 = grid.boxes[(row, column)]
+    return picture[y0:y1, x0:x1]
+
+
+def _drawn(rgb: np.ndarray, scale: int) -> np.ndarray:
+    return np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
+
+
+def test_mask_pictures_show_the_models_argmax_in_the_palette(seg_runs: Path, tmp_path: Path) -> None:
+    grid = mask_pictures(seg_runs / "cwd0", 3, out=tmp_path / "m.png")
+    picture = _png(grid.path)
+    # The run distilled from seg_runs/teacher: it is drawn without being asked for.
+    assert grid.columns == ("input", "teacher fcn_resnet8", "student fcn_resnet8", "ground truth")
+    assert picture.shape == (grid.height, grid.width, 3) and len(grid.boxes) == 3 * 4
+    assert grid.scale == 3 and grid.stride == 1  # 64-pixel canvases drawn 3x
+    assert all(x1 - x0 == y1 - y0 == 192 for x0, y0, x1, y1 in grid.boxes.values())
+
+    data = build_data("cifar10_seg", batch_size=16, eval_batch_size=16, train_subset=32, test_subset=16)
+    batch = next(iter(data.test))
+    task = TASKS.get("segmentation")(num_classes=11)
+    palette = voc_palette()
+    seen: set[int] = set()
+    for column, run_dir in (("student fcn_resnet8", seg_runs / "cwd0"), ("teacher fcn_resnet8", seg_runs / "teacher")):
+        net = build_network("fcn_resnet8", 11, run_dir, task).eval()
+        with torch.no_grad():
+            argmax = net(batch.input[:3]).argmax(1).numpy()
+        for i in range(3):
+            expected = _drawn(colorize(argmax[i], palette), grid.scale)
+            np.testing.assert_array_equal(_panel(grid, picture, i, column), expected)
+            seen.update(np.unique(argmax[i]).tolist())
+    masks = batch.targets[:3].numpy()
+    mean, std = np.array(data.mean), np.array(data.std)
+    for i in range(3):
+        np.testing.assert_array_equal(
+            _panel(grid, picture, i, "ground truth"), _drawn(colorize(masks[i], palette), grid.scale)
+        )
+        rgb = np.clip(np.round((batch.input[i].permute(1, 2, 0).numpy() * std + mean) * 255), 0, 255)
+        got = _panel(grid, picture, i, "input").astype(int)
+        assert np.abs(got - _drawn(rgb, grid.scale)).max() <= 1  # float32 de-normalisation, rounded
+        seen.update(np.unique(masks[i]).tolist())
+    # The legend names every class drawn, by the dataset's class names, in index order.
+    names = data.classes
+    assert grid.legend == tuple((k, names[k]) for k in sorted(seen))
+
+
+def test_eval_pictures_from_the_cli_with_a_chosen_or_no_teacher(seg_runs: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "chosen.png"
+    args = ["eval", "--checkpoint", str(seg_runs / "cwd1"), "--pictures", "2", "--pictures-out", str(out)]
+    assert main([*args, "--teacher", str(seg_runs / "alone")]) == 0
+    printed = capsys.readouterr().out
+    assert "mIoU" in printed
+    assert f"pictures: {out} (input, teacher fcn_resnet8, student fcn_resnet8, ground truth)" in printed
+    assert _png(out).shape[0] > 2 * 192
+    # The chosen teacher (the student alone's run) is drawn, not the run's own teacher.
+    picture, grid = _png(out), mask_pictures(seg_runs / "cwd1", 2, teacher=seg_runs / "alone", out=tmp_path / "b.png")
+    np.testing.assert_array_equal(picture, _png(grid.path))
+    data = build_data("cifar10_seg", batch_size=16, eval_batch_size=16, train_subset=32, test_subset=16)
+    net = build_network("fcn_resnet8", 11, seg_runs / "alone", TASKS.get("segmentation")(num_classes=11)).eval()
+    with torch.no_grad():
+        argmax = net(next(iter(data.test)).input[:1]).argmax(1).numpy()[0]
+    expected = _drawn(colorize(argmax, voc_palette()), grid.scale)
+    np.testing.assert_array_equal(_panel(grid, picture, 0, "teacher fcn_resnet8"), expected)
+
+    assert main(["eval", "--checkpoint", str(seg_runs / "alone"), "--pictures", "1", "--teacher", "none"]) == 0
+    assert "pictures: " + str(seg_runs / "alone" / "masks.png") + " (input, student fcn_resnet8, ground truth)" in (
+        capsys.readouterr().out
+    )
+    assert main(["eval", "--checkpoint", str(seg_runs / "alone"), "--teacher", "x"]) == 2
+    assert "--teacher and --pictures-out go with --pictures N" in capsys.readouterr().err
+
+
+def test_mask_pictures_errors_are_one_clear_line(seg_runs: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(seg_runs / "cwd0" / "student.pt", moved / "student.pt")
+    config = yaml.safe_load((seg_runs / "cwd0" / "config.yaml").read_text())
+    config["teacher"]["checkpoint"] = str(tmp_path / "gone")
+    (moved / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(CheckpointError, match=r"the run's teacher checkpoint .*gone does not exist .*--teacher none"):
+        mask_pictures(moved, 1)
+    assert mask_pictures(moved, 1, teacher="none").columns == ("input", "student fcn_resnet8", "ground truth")
+
+    weights = tmp_path / "resnet8.pt"
+    torch.save(create_model("resnet8", num_classes=10).state_dict(), weights)
+    overrides = {"model": {"name": "resnet8"}, "data": {"name": "embedded", "test_subset": 8}}
+    with pytest.raises(ConfigError, match="--pictures draws segmentation masks; .* is a classification run"):
+        mask_pictures(weights, 1, overrides=overrides)
+    with pytest.raises(ConfigError, match="at least 1 picture"):
+        mask_pictures(seg_runs / "cwd0", 0)
