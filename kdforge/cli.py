@@ -98,8 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="parameters, MACs, size and CPU latency of zoo models")
     p.add_argument("--model", required=True, metavar="NAME", help="the student (or only) architecture")
     p.add_argument("--teacher", metavar="NAME", help="a teacher architecture to compare with")
-    p.add_argument("--num-classes", type=int, default=None, help="head size (default: 100 cifar / 1000 imagenet)")
-    p.add_argument("--image-size", type=int, default=None, help="input side (default: the model's, 32 or 224)")
+    p.add_argument(
+        "--task", metavar="NAME", help="the models' task, e.g. segmentation (default: the task that has --model)"
+    )
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="head size (default: 100 cifar / 1000 imagenet; another task: its smallest built-in dataset's)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input side (default: the model's, 32 or 224; another task: its smallest built-in dataset's, e.g. 64)",
+    )
     p.add_argument("--batch-size", type=int, default=1, help="second batch size for CPU latency (batch 1 always)")
     _add_timing_args(p)
     p.add_argument("--out", metavar="FILE", help="also write the profile as JSON to FILE")
@@ -278,9 +291,10 @@ def _export_command(args: argparse.Namespace) -> int:
 def _profile_command(args: argparse.Namespace) -> int:
     from kdforge.engine.checkpoint import atomic_write_json
     from kdforge.errors import ConfigError
+    from kdforge.export import check_task_model, model_task, task_input, task_network
     from kdforge.models import DEFAULT_NUM_CLASSES, create_model
     from kdforge.profile import format_profile, profile_model
-    from kdforge.registry import MODELS
+    from kdforge.registry import MODELS, TASKS
 
     for flag, value in (
         ("--batch-size", args.batch_size),
@@ -293,14 +307,24 @@ def _profile_command(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} must be positive, got {value}")
     names = [("teacher", args.teacher)] if args.teacher else []
     names.append(("student" if args.teacher else "", args.model))
-    for _, name in names:
-        MODELS.get(name)  # an unknown name fails here with the registry's "did you mean" line
-    meta = MODELS.meta(args.model)
-    classes = args.num_classes or DEFAULT_NUM_CLASSES.get(meta.get("family", "cifar"), 100)
-    size = args.image_size or meta.get("input_size") or 32
+    task = args.task or model_task(args.model)
+    TASKS.get(task)  # an unknown task name fails here with the registry's "did you mean" line
+    if task == "classification":
+        for _, name in names:
+            MODELS.get(name)  # an unknown name fails here with the registry's "did you mean" line
+        meta = MODELS.meta(args.model)
+        classes = args.num_classes or DEFAULT_NUM_CLASSES.get(meta.get("family", "cifar"), 100)
+        size = args.image_size or meta.get("input_size") or 32
+    else:
+        for _, name in names:
+            check_task_model(task, name)
+        default_size, default_classes = task_input(task)
+        classes, size = args.num_classes or default_classes, args.image_size or default_size
     rows = []
     for role, name in names:
-        model = create_model(name, num_classes=classes)
+        model = (
+            create_model(name, num_classes=classes) if task == "classification" else task_network(task, name, classes)
+        )
         rows.append(
             profile_model(
                 model,

@@ -21,6 +21,7 @@ from kdforge.cli import main
 from kdforge.config import config_from_dict
 from kdforge.data import build_data
 from kdforge.errors import CheckpointError, ConfigError, KDForgeError
+from kdforge.export import export_student, load_run_model
 from kdforge.models import create_model
 from kdforge.registry import TASKS
 from kdforge.report.masks import IGNORE_COLOR, MaskGrid, colorize, voc_palette
@@ -67,9 +68,8 @@ def _test_curve(run_dir: Path, key: str) -> list[tuple[float, float]]:
 
 # ---------------------------------------------------------------------------------------------------- report
 
-pytestmark = pytest.mark.slow  # four real (tiny) training runs shared by the module: about 30 s on two CPU cores
 
-
+@pytest.mark.slow  # the module's four tiny training runs: about 30 s on two CPU cores
 def test_report_tables_are_in_the_runs_primary_metric(seg_runs: Path, tmp_path: Path) -> None:
     (group,) = build_groups(scan_runs(seg_runs))
     assert (group.dataset, group.teacher, group.student, group.primary) == (
@@ -104,6 +104,7 @@ def test_report_tables_are_in_the_runs_primary_metric(seg_runs: Path, tmp_path: 
     assert float(table[2]["best_mean"]) == pytest.approx(cwd.best.mean, abs=1e-4)
 
 
+@pytest.mark.slow  # the module's four tiny training runs: about 30 s on two CPU cores
 def test_report_plots_are_labelled_with_the_primary_metric(
     seg_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -128,6 +129,7 @@ def test_report_plots_are_labelled_with_the_primary_metric(
     assert seen["curves"]["teacher fcn_resnet8"] == [_test_curve(seg_runs / "teacher", "test_mIoU")]
 
 
+@pytest.mark.slow  # the module's four tiny training runs: about 30 s on two CPU cores
 def test_report_writes_real_pngs_for_segmentation(seg_runs: Path, tmp_path: Path) -> None:
     report = write_report(seg_runs, tmp_path / "report", command="kdforge report runs")
     assert sorted(p.name for p in report.plots) == [
@@ -137,6 +139,7 @@ def test_report_writes_real_pngs_for_segmentation(seg_runs: Path, tmp_path: Path
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in report.plots)
 
 
+@pytest.mark.slow  # the module's four tiny training runs: about 30 s on two CPU cores
 def test_classification_and_segmentation_runs_get_separate_tables(seg_runs: Path, tmp_path: Path) -> None:
     root = tmp_path / "mixed"
     shutil.copytree(seg_runs, root / "seg")  # the copies' teacher.checkpoint still names the original teacher
@@ -159,6 +162,7 @@ def test_classification_and_segmentation_runs_get_separate_tables(seg_runs: Path
     assert [r["metric"] for r in table] == ["top1", "top1", "mIoU", "mIoU", "mIoU"]
 
 
+@pytest.mark.slow  # the module's four tiny training runs: about 30 s on two CPU cores
 def test_a_summary_without_its_primary_metric_is_one_clear_error(seg_runs: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     (broken / "teacher").mkdir(parents=True)
@@ -201,6 +205,7 @@ def _drawn(rgb: np.ndarray, scale: int) -> np.ndarray:
     return np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
 
 
+@pytest.mark.slow  # the module's four tiny training runs: about 30 s on two CPU cores
 def test_mask_pictures_show_the_models_argmax_in_the_palette(seg_runs: Path, tmp_path: Path) -> None:
     grid = mask_pictures(seg_runs / "cwd0", 3, out=tmp_path / "m.png")
     picture = _png(grid.path)
@@ -238,6 +243,7 @@ def test_mask_pictures_show_the_models_argmax_in_the_palette(seg_runs: Path, tmp
     assert grid.legend == tuple((k, names[k]) for k in sorted(seen))
 
 
+@pytest.mark.slow  # the module's four tiny training runs: about 30 s on two CPU cores
 def test_eval_pictures_from_the_cli_with_a_chosen_or_no_teacher(seg_runs: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "chosen.png"
     args = ["eval", "--checkpoint", str(seg_runs / "cwd1"), "--pictures", "2", "--pictures-out", str(out)]
@@ -264,6 +270,7 @@ def test_eval_pictures_from_the_cli_with_a_chosen_or_no_teacher(seg_runs: Path, 
     assert "--teacher and --pictures-out go with --pictures N" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the module's four tiny training runs: about 30 s on two CPU cores
 def test_mask_pictures_errors_are_one_clear_line(seg_runs: Path, tmp_path: Path) -> None:
     moved = tmp_path / "moved"
     moved.mkdir()
@@ -282,3 +289,91 @@ def test_mask_pictures_errors_are_one_clear_line(seg_runs: Path, tmp_path: Path)
         mask_pictures(weights, 1, overrides=overrides)
     with pytest.raises(ConfigError, match="at least 1 picture"):
         mask_pictures(seg_runs / "cwd0", 0)
+
+
+# ---------------------------------------------------------------------------------------------------- export, profile
+
+
+def _flop_counter_macs(model: torch.nn.Module, size: int) -> int:
+    """MACs by PyTorch's own FLOP counter (2 FLOPs per multiply-accumulate): an independent count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops() // 2
+
+
+@pytest.mark.slow  # the module's four tiny training runs: about 30 s on two CPU cores
+def test_export_a_segmentation_student_checked_and_profiled(seg_runs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    result = export_student(seg_runs / "cwd0", out, formats="torchscript", runs=2, warmup=0)
+    (check,) = result.checks
+    assert check["status"] == "ok" and check["max_abs_diff"] <= 1e-4
+    task = TASKS.get("segmentation")(num_classes=11)
+    eager = build_network("fcn_resnet8", 11, seg_runs / "cwd0", task).eval()
+    scripted = torch.jit.load(str(out / "student.torchscript.pt"))
+    x = next(iter(build_data("cifar10_seg", batch_size=4, eval_batch_size=3, test_subset=3).test)).input
+    with torch.no_grad():
+        reference, got = eager(x), scripted(x)
+    assert got.shape == (3, 11, 64, 64)  # per-pixel logits at the input size, for another batch size than traced
+    torch.testing.assert_close(got, reference, atol=1e-4, rtol=0)
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["task"] == "segmentation" and meta["num_classes"] == 11 and meta["input_shape"] == ["batch", 3, 64, 64]
+    teacher, student = result.profile
+    assert (teacher["role"], teacher["model"], student["model"]) == ("teacher", "fcn_resnet8", "fcn_resnet8")
+    assert student["params"] == sum(p.numel() for p in eager.parameters())
+    assert student["macs"] == _flop_counter_macs(eager, 64) and student["image_size"] == 64
+    with pytest.raises(ConfigError, match="unknown segmentation model 'resnet20'; did you mean"):
+        export_student(seg_runs / "cwd0", tmp_path / "x", formats="torchscript", teacher="resnet20", profile=False)
+
+
+def test_export_loads_a_segmenter_of_a_voc_folder_with_the_folders_class_count(tmp_path: Path) -> None:
+    from test_segmentation_data import _voc
+
+    rng = np.random.default_rng(0)
+    masks = {f"im{i}": rng.integers(0, 21, (16, 16)).astype(np.uint8) for i in range(2)}
+    root = _voc(tmp_path / "voc", masks, {"train": ["im0"], "val": ["im1"]})
+    weights = tmp_path / "seg.pt"
+    torch.save(TASKS.get("segmentation")(num_classes=21).build_model("fcn_resnet8").state_dict(), weights)
+    overrides = {
+        "task": {"name": "segmentation"},
+        "model": {"name": "fcn_resnet8"},
+        "data": {"name": "seg_folder", "root": str(root)},
+    }
+    loaded = load_run_model(weights, overrides)
+    assert loaded.task_name == "segmentation" and loaded.num_classes == 21 and loaded.image_size == 512
+    assert loaded.build("pspnet_resnet20").decode_head.conv_seg.out_channels == 21
+
+
+@pytest.mark.parametrize("task_flag", [[], ["--task", "segmentation"]])
+def test_profile_a_segmentation_pair_at_the_tasks_input_size(task_flag: list[str], capsys) -> None:
+    argv = ["profile", "--model", "fcn_resnet8", "--teacher", "pspnet_resnet20", "--runs", "1", "--warmup", "0"]
+    assert main([*argv, *task_flag, "--json"]) == 0
+    teacher, student = json.loads(capsys.readouterr().out)
+    task = TASKS.get("segmentation")(num_classes=11)  # cifar10_seg: 11 classes on 64x64 canvases
+    for row, name in ((teacher, "pspnet_resnet20"), (student, "fcn_resnet8")):
+        net = task.build_model(name)
+        assert row["model"] == name and row["image_size"] == 64
+        assert row["params"] == sum(p.numel() for p in net.parameters())
+        assert row["macs"] == _flop_counter_macs(net, 64)
+        assert row["latency"][0]["batch"] == 1 and row["latency"][0]["median_ms"] > 0
+    assert main(["profile", "--model", "fcn_resnet8", "--num-classes", "21", "--image-size", "96", "--json",
+                 "--runs", "1", "--warmup", "0"]) == 0  # fmt: skip
+    (row,) = json.loads(capsys.readouterr().out)
+    net21 = TASKS.get("segmentation")(num_classes=21).build_model("fcn_resnet8")
+    assert row["image_size"] == 96 and row["macs"] == _flop_counter_macs(net21, 96)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "fcn_resnt8"], "unknown model 'fcn_resnt8' (no task has it); did you mean fcn_resnet8"),
+        (["--model", "resnet8", "--task", "segmentation"], "unknown segmentation model 'resnet8'; did you mean"),
+        (["--model", "fcn_resnet8", "--teacher", "resnet20"], "unknown segmentation model 'resnet20'"),
+        (["--model", "fcn_resnet8", "--task", "segmentaton"], "did you mean 'segmentation'"),
+    ],
+)
+def test_profile_errors_are_one_line(argv: list[str], message: str, capsys) -> None:
+    assert main(["profile", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
