@@ -98,6 +98,7 @@ def test_report_tables_are_in_the_runs_primary_metric(seg_runs: Path, tmp_path: 
     md = report.markdown.read_text()
     assert "| network | method | n | best mIoU | final mIoU | gain (best) over student alone |" in md
     assert "top-1" not in md and "Best = highest test mIoU over the evaluated epochs" in md
+    assert "joint scale + crop + flip of input and target" in md
     assert f"| fcn_resnet8 | CWD | 2 | {cwd.best.format()} | {cwd.final.format()} | {cwd.gain_best.mean:+.2f} |" in md
     table = list(csv.DictReader(io.StringIO(report.csv.read_text())))
     assert [r["metric"] for r in table] == ["mIoU"] * 3

@@ -515,7 +515,10 @@ def describe_budget(group: Group) -> str:
     if sched.get("warmup_epochs"):
         schedule += f" with {sched['warmup_epochs']} epoch(s) of warm-up"
     parts.append(schedule)
-    parts.append("random crop + flip" if data.get("augment", True) else "no augmentation")
+    # Classification crops and flips images; a dense task transforms image and targets jointly (segmentation: scale,
+    # crop and flip of image and mask).
+    augmentation = "random crop + flip" if group.primary == "top1" else "joint scale + crop + flip of input and target"
+    parts.append(augmentation if data.get("augment", True) else "no augmentation")
     return "; ".join(parts) + "."
 
 
