@@ -25,7 +25,7 @@ from kdforge.data import DataBundle, build_data
 from kdforge.engine import distributed
 from kdforge.engine import loop as engine
 from kdforge.engine.checkpoint import CHECKPOINT_FORMAT, atomic_write_json, load_checkpoint
-from kdforge.engine.env import resolve_device, seed_everything
+from kdforge.engine.env import autocast, resolve_device, resolve_precision, seed_everything
 from kdforge.engine.evaluation import collect_logits, evaluate
 from kdforge.engine.loop import FitResult
 from kdforge.errors import CheckpointError, ConfigError
@@ -33,7 +33,9 @@ from kdforge.methods import Method, create_method, instantiate_method
 from kdforge.models import count_parameters, create_model, load_weights
 from kdforge.registry import TASKS
 from kdforge.report.classification import ClassificationReport, classification_report, write_classification_report
+from kdforge.report.masks import MaskGrid, write_mask_grid
 from kdforge.tasks.base import Task
+from kdforge.tasks.segmentation import SegmentationTask
 from kdforge.validation import validate
 
 WEIGHT_FILES = ("model.pt", "student.pt")
@@ -301,39 +303,13 @@ def checkpoint_config(
     return state, path, merged
 
 
-def classification_report_of(
-    checkpoint: str | Path, out_dir: str | Path, overrides: dict[str, Any] | None = None
-) -> tuple[ClassificationReport, list[Path]]:
-    """Per-class precision/recall/F1, confusion matrix (text and PNG), top-k and, for two classes, the ROC curve and
-    threshold table of a classification checkpoint on its dataset's test split, written to ``out_dir``."""
+def _checkpoint_network(
+    checkpoint: str | Path, overrides: dict[str, Any] | None
+) -> tuple[nn.Module, Task, DataBundle, RunConfig, Path, torch.device, dict[str, Any] | None]:
+    """The network of a checkpoint (weights loaded, on the device), its task, its test data without augmentation,
+    the config, the weight file, the device and the saved config's ``teacher`` section (``None`` without one)."""
     state, path, merged = checkpoint_config(checkpoint, overrides)
-    merged.pop("teacher", None)
-    merged["method"] = {"name": "vanilla"}
-    cfg = config_from_dict(merged)
-    validate(cfg, "train")
-    if cfg.task.name != "classification":
-        raise ConfigError(f"--report is a classification report; {path} is a {cfg.task.name} run")
-    device = resolve_device(cfg.train.device)
-    cfg.data.augment = False
-    data = data_from_config(cfg.data, device)
-    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes or data.num_classes)
-    try:
-        load_weights(model, state)
-    except CheckpointError as err:
-        raise CheckpointError(f"{path}: {err}") from None
-    logits, targets = collect_logits(model.to(device), data.test, device=device, precision=cfg.train.precision)
-    report = classification_report(logits, targets, data.classes)
-    return report, write_classification_report(report, out_dir)
-
-
-def evaluate_checkpoint(checkpoint: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate a weight file or training checkpoint on the test split of its run's dataset.
-
-    The architecture and data come from the checkpoint's saved config (see :func:`checkpoint_config`); ``overrides``
-    change them, and must give ``model.name`` for a bare state dict with no config beside it.
-    """
-    state, path, merged = checkpoint_config(checkpoint, overrides)
-    merged.pop("teacher", None)
+    saved_teacher = merged.pop("teacher", None)
     merged["method"] = {"name": "vanilla"}  # the network is evaluated alone
     cfg = config_from_dict(merged)
     validate(cfg, "train")
@@ -346,7 +322,16 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: dict[str, Any] | None
         load_weights(model, state)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
-    model.to(device)
+    return model.to(device), task, data, cfg, path, device, saved_teacher
+
+
+def evaluate_checkpoint(checkpoint: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate a weight file or training checkpoint on the test split of its run's dataset.
+
+    The architecture and data come from the checkpoint's saved config (see :func:`checkpoint_config`); ``overrides``
+    change them, and must give ``model.name`` for a bare state dict with no config beside it.
+    """
+    model, task, data, cfg, path, device, _ = _checkpoint_network(checkpoint, overrides)
     result = evaluate(model, data.test, device=device, precision=cfg.train.precision, task=task)
     return {
         "checkpoint": str(path),
@@ -355,6 +340,133 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: dict[str, Any] | None
         "params": count_parameters(model),
         **result,
     }
+
+
+def classification_report_of(
+    checkpoint: str | Path, out_dir: str | Path, overrides: dict[str, Any] | None = None
+) -> tuple[ClassificationReport, list[Path]]:
+    """Per-class precision/recall/F1, confusion matrix (text and PNG), top-k and, for two classes, the ROC curve and
+    threshold table of a classification checkpoint on its dataset's test split, written to ``out_dir``."""
+    model, task, data, cfg, path, device, _ = _checkpoint_network(checkpoint, overrides)
+    if task.name != "classification":
+        raise ConfigError(f"--report is a classification report; {path} is a {task.name} run")
+    logits, targets = collect_logits(model, data.test, device=device, precision=cfg.train.precision)
+    report = classification_report(logits, targets, data.classes)
+    return report, write_classification_report(report, out_dir)
+
+
+def _teacher_network(
+    teacher: str | Path | None, saved: dict[str, Any] | None, task: Task, num_classes: int, device: torch.device
+) -> tuple[nn.Module, str] | None:
+    """The teacher to draw beside a student: ``teacher`` (a run directory or weight file; ``"none"`` for no
+    teacher), else the one the run distilled from (its config's ``teacher`` section), else ``None``."""
+    if teacher is not None and str(teacher).lower() == "none":
+        return None
+    name = (saved or {}).get("name")
+    if teacher is None:
+        teacher = (saved or {}).get("checkpoint")
+        if teacher is None:
+            return None
+        if not Path(teacher).exists():
+            raise CheckpointError(
+                f"the run's teacher checkpoint {teacher} does not exist (moved?); pass --teacher RUN_DIR_OR_WEIGHTS, "
+                "or --teacher none for pictures without it"
+            )
+    state, path = resolve_weights(teacher)
+    arch: str | None = None
+    config_path = path.parent / "config.yaml"
+    if config_path.is_file():  # the teacher's own run says what it is
+        arch = (load_yaml(config_path).get("model") or {}).get("name")
+    arch = arch or name
+    if not arch:
+        raise ConfigError(
+            f"teacher {path} has no config.yaml beside it saying its architecture; pass the teacher's run directory"
+        )
+    model = task.build_model(arch, num_classes=num_classes)
+    try:
+        load_weights(model, state)
+    except CheckpointError as err:
+        raise CheckpointError(f"teacher {path}: {err}") from None
+    return model.to(device), arch
+
+
+def _class_maps(model: nn.Module, task: Task, x: torch.Tensor, size: torch.Size, precision: str) -> torch.Tensor:
+    """The predicted class map ``[B, H, W]`` of ``model`` on ``x``, at the mask size ``size`` = ``(H, W)``."""
+    with torch.no_grad(), autocast(x.device, resolve_precision(precision, x.device)):
+        logits = model(x)
+    logits = logits.float()
+    if logits.shape[-2:] != size:  # scored at the mask's size, as the evaluator and the loss do
+        logits = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return task.predict(logits)
+
+
+def mask_pictures(
+    checkpoint: str | Path,
+    count: int,
+    *,
+    teacher: str | Path | None = None,
+    out: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> MaskGrid:
+    """A PNG of a segmentation checkpoint's predictions on the first ``count`` test images.
+
+    Each row: the input, the teacher's prediction (``teacher``, a run directory or weight file, or by default the
+    teacher the run distilled from; ``"none"`` for none), the student's prediction and the ground truth, in the fixed
+    VOC palette with a legend of class names; under each prediction its pixel accuracy on that image.
+
+    Args:
+        checkpoint: the student: run directory, training checkpoint or weight file (as :func:`evaluate_checkpoint`).
+        count: how many test images (the first ones of the test split, in order).
+        teacher: see above.
+        out: the PNG (default: ``masks.png`` beside the weight file, i.e. in the run directory).
+        overrides: config changes, as for :func:`evaluate_checkpoint`.
+
+    Returns:
+        The picture's :class:`~kdforge.report.masks.MaskGrid` (path, panel boxes, legend).
+    """
+    if count < 1:
+        raise ConfigError(f"--pictures {count}: ask for at least 1 picture")
+    model, task, data, cfg, path, device, saved_teacher = _checkpoint_network(checkpoint, overrides)
+    if not isinstance(task, SegmentationTask):
+        raise ConfigError(f"--pictures draws segmentation masks; {path} is a {task.name} run (task.name={task.name})")
+    teacher_net = _teacher_network(teacher, saved_teacher, task, task.num_classes, device)
+    networks = [(f"student {cfg.model.name}", model)]
+    if teacher_net is not None:
+        networks.insert(0, (f"teacher {teacher_net[1]}", teacher_net[0]))
+    for _, net in networks:
+        net.eval()
+    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    images: list[Any] = []
+    maps: dict[str, list[Any]] = {name: [] for name, _ in networks}
+    truth: list[Any] = []
+    for batch in data.test:
+        batch = batch.to(device)
+        take = min(count - len(images), batch.input.shape[0])
+        x, masks = batch.input[:take], batch.targets[:take]
+        rgb = ((x.float() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
+        images += list(rgb.permute(0, 2, 3, 1).cpu().numpy())
+        truth += list(masks.cpu().numpy())
+        for name, net in networks:
+            maps[name] += list(_class_maps(net, task, x, masks.shape[-2:], cfg.train.precision).cpu().numpy())
+        if len(images) >= count:
+            break
+    captions = {}
+    for name, predicted in maps.items():
+        for i, (pred, gt) in enumerate(zip(predicted, truth, strict=True)):
+            valid = gt != task.ignore_index
+            if valid.any():
+                captions[(i, name)] = f"pixel acc {100.0 * float((pred[valid] == gt[valid]).mean()):.1f}%"
+    target = Path(out) if out is not None else path.parent / "masks.png"
+    return write_mask_grid(
+        images,
+        {**maps, "ground truth": truth},
+        data.classes,
+        target,
+        ignore_index=task.ignore_index,
+        title=f"{cfg.data.name}: first {len(images)} test images",
+        captions=captions,
+    )
 
 
 __all__ = [
@@ -372,6 +484,7 @@ __all__ = [
     "evaluate_checkpoint",
     "fit",
     "load_run_config",
+    "mask_pictures",
     "resolve_weights",
     "run",
     "validate",

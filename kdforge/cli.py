@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kdforge.errors import KDForgeError
+from kdforge.errors import ConfigError, KDForgeError
 from kdforge.registry import UnknownNameError
 
 
@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="classification: per-class precision/recall/F1, confusion matrix (printed, PNG), ROC for two classes",
     )
+    p.add_argument(
+        "--pictures", type=int, default=None, metavar="N", help="segmentation: also draw the first N test images' masks"
+    )
+    p.add_argument(
+        "--teacher",
+        metavar="PATH",
+        help="teacher run dir or weight file drawn beside the student (default: the run's teacher; 'none')",
+    )
+    p.add_argument("--pictures-out", metavar="FILE", help="the PNG of --pictures (default: <run dir>/masks.png)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.name=resnet8 data.name=cifar10")
     p = sub.add_parser("predict", help="a trained classifier on a folder or list of images, to a CSV")
     p.add_argument("network", metavar="RUN_OR_FILE", help="run dir, student.pt, or an exported .torchscript.pt/.onnx")
@@ -110,8 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="parameters, MACs, size and CPU latency of zoo models")
     p.add_argument("--model", required=True, metavar="NAME", help="the student (or only) architecture")
     p.add_argument("--teacher", metavar="NAME", help="a teacher architecture to compare with")
-    p.add_argument("--num-classes", type=int, default=None, help="head size (default: 100 cifar / 1000 imagenet)")
-    p.add_argument("--image-size", type=int, default=None, help="input side (default: the model's, 32 or 224)")
+    p.add_argument(
+        "--task", metavar="NAME", help="the models' task, e.g. segmentation (default: the task that has --model)"
+    )
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="head size (default: 100 cifar / 1000 imagenet; another task: its smallest built-in dataset's)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input side (default: the model's, 32 or 224; another task: its smallest built-in dataset's, e.g. 64)",
+    )
     p.add_argument("--batch-size", type=int, default=1, help="second batch size for CPU latency (batch 1 always)")
     _add_timing_args(p)
     p.add_argument("--out", metavar="FILE", help="also write the profile as JSON to FILE")
@@ -183,21 +205,34 @@ def _eval_command(args: argparse.Namespace) -> int:
     from kdforge.api import evaluate_checkpoint
     from kdforge.config import apply_overrides
 
+    overrides = apply_overrides({}, args.overrides)
+    if args.pictures is None and (args.teacher or args.pictures_out):
+        raise ConfigError("--teacher and --pictures-out go with --pictures N (how many test images to draw)")
+    if args.pictures is not None and args.pictures < 1:
+        raise ConfigError(f"--pictures {args.pictures}: ask for at least 1 picture")
     if args.report:
         from kdforge.api import classification_report_of
         from kdforge.report.classification import format_classification_report
 
-        report, files = classification_report_of(args.checkpoint, args.report, apply_overrides({}, args.overrides))
+        report, files = classification_report_of(args.checkpoint, args.report, overrides)
         print(format_classification_report(report))
         print("wrote " + ", ".join(str(f) for f in files))
         return 0
-    result = evaluate_checkpoint(args.checkpoint, apply_overrides({}, args.overrides))
+    result = evaluate_checkpoint(args.checkpoint, overrides)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         # The task's metrics in its evaluator's order; per-class entries ("IoU.cat") stay in --json.
         head = ["checkpoint", "model", "dataset", "params"]
         print(format_table([result], head + [k for k in result if k not in head and "." not in k]))
+    if args.pictures is not None:
+        from kdforge.api import mask_pictures
+
+        grid = mask_pictures(
+            args.checkpoint, args.pictures, teacher=args.teacher, out=args.pictures_out, overrides=overrides
+        )
+        # On stderr under --json, so stdout stays one JSON document.
+        print(f"pictures: {grid.path} ({', '.join(grid.columns)})", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -323,9 +358,10 @@ def _export_command(args: argparse.Namespace) -> int:
 def _profile_command(args: argparse.Namespace) -> int:
     from kdforge.engine.checkpoint import atomic_write_json
     from kdforge.errors import ConfigError
+    from kdforge.export import check_task_model, model_task, task_input, task_network
     from kdforge.models import DEFAULT_NUM_CLASSES, create_model
     from kdforge.profile import format_profile, profile_model
-    from kdforge.registry import MODELS
+    from kdforge.registry import MODELS, TASKS
 
     for flag, value in (
         ("--batch-size", args.batch_size),
@@ -338,14 +374,24 @@ def _profile_command(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} must be positive, got {value}")
     names = [("teacher", args.teacher)] if args.teacher else []
     names.append(("student" if args.teacher else "", args.model))
-    for _, name in names:
-        MODELS.get(name)  # an unknown name fails here with the registry's "did you mean" line
-    meta = MODELS.meta(args.model)
-    classes = args.num_classes or DEFAULT_NUM_CLASSES.get(meta.get("family", "cifar"), 100)
-    size = args.image_size or meta.get("input_size") or 32
+    task = args.task or model_task(args.model)
+    TASKS.get(task)  # an unknown task name fails here with the registry's "did you mean" line
+    if task == "classification":
+        for _, name in names:
+            MODELS.get(name)  # an unknown name fails here with the registry's "did you mean" line
+        meta = MODELS.meta(args.model)
+        classes = args.num_classes or DEFAULT_NUM_CLASSES.get(meta.get("family", "cifar"), 100)
+        size = args.image_size or meta.get("input_size") or 32
+    else:
+        for _, name in names:
+            check_task_model(task, name)
+        default_size, default_classes = task_input(task)
+        classes, size = args.num_classes or default_classes, args.image_size or default_size
     rows = []
     for role, name in names:
-        model = create_model(name, num_classes=classes)
+        model = (
+            create_model(name, num_classes=classes) if task == "classification" else task_network(task, name, classes)
+        )
         rows.append(
             profile_model(
                 model,

@@ -1,9 +1,11 @@
 """``kdforge export``: a trained student as TorchScript and ONNX, each checked against PyTorch, plus a profile.
 
-The student is rebuilt from its run's saved config (as ``kdforge eval`` does), loaded with its weights and put in
-eval mode. Every exported file is first written under a temporary name, loaded back and run on a random batch; only
-when its outputs match the eager model's within tolerance is it renamed into place, so a failed export or check
-never leaves a half-written or unverified file behind. ONNX needs the ``onnx`` extra (``pip install
+The student is rebuilt from its run's saved config through the run's task (as ``kdforge eval`` does: a
+classification network from the model zoo, a segmentation network from the task's own models), loaded with its
+weights and put in eval mode. Every exported file is first written under a temporary name, loaded back and run on a
+random batch; only when its outputs (logits of any shape: ``[B, K]``, ``[B, K, H, W]``) match the eager model's
+within tolerance is it renamed into place, so a failed export or check never leaves a half-written or unverified
+file behind. ONNX needs the ``onnx`` extra (``pip install
 kdforge[onnx]``); without onnxruntime the ONNX file is validated structurally and the numeric check is reported as
 skipped.
 """
@@ -29,7 +31,8 @@ from kdforge.engine.checkpoint import atomic_write_json, atomic_write_text
 from kdforge.errors import ConfigError, KDForgeError
 from kdforge.models import create_model, load_weights
 from kdforge.profile import format_profile, profile_model
-from kdforge.registry import DATASETS, MODELS
+from kdforge.registry import DATASETS, MODELS, TASKS, close_matches
+from kdforge.tasks.base import Task
 
 FORMATS = ("torchscript", "onnx")
 ONNX_OPSET = 18
@@ -48,6 +51,24 @@ class LoadedModel:
     image_size: int
     weights: Path
     teacher: str | None = None
+    task: Task | None = None  # the run's task (builds the teacher profiled beside it); None: classification
+
+    @property
+    def task_name(self) -> str:
+        return self.task.name if self.task is not None else "classification"
+
+    def build(self, arch: str) -> nn.Module:
+        """Another network of the run's task and class count (the teacher of the profile), randomly initialised."""
+        if self.task is None or self.task.name == "classification":
+            return create_model(arch, num_classes=self.num_classes)
+        return self.task.build_model(arch, num_classes=self.num_classes)
+
+    def check_name(self, arch: str) -> None:
+        """One clear error line when ``arch`` is not a network of the run's task."""
+        if self.task is None or self.task.name == "classification":
+            MODELS.get(arch)  # the registry's one-line "did you mean" error
+            return
+        check_task_model(self.task.name, arch)
 
 
 @dataclass
@@ -73,10 +94,73 @@ def parse_formats(text: str | Sequence[str]) -> list[str]:
     return formats
 
 
+def check_task_model(task: str, arch: str) -> None:
+    """Raise one ``ConfigError`` line, with close matches, when ``arch`` is not a network of ``task``."""
+    names = TASKS.get(task).model_names()
+    if arch not in names:
+        hint = close_matches(arch, names)
+        raise ConfigError(
+            f"unknown {task} model '{arch}'"
+            + (f"; did you mean {', '.join(hint)}?" if hint else f"; choose one of {', '.join(names)}")
+        )
+
+
+def model_task(arch: str) -> str:
+    """The task a network name belongs to: ``classification`` for the model zoo, else the task whose
+    ``model_names()`` lists it (e.g. ``fcn_resnet8`` → ``segmentation``); one error line for an unknown name."""
+    import kdforge.tasks  # noqa: F401  (registers every task)
+
+    if arch in MODELS:
+        return "classification"
+    owners = [t for t in TASKS.names() if t != "classification" and arch in TASKS.get(t).model_names()]
+    if owners:
+        return owners[0]
+    every = [
+        n for t in TASKS.names() for n in (MODELS.names() if t == "classification" else TASKS.get(t).model_names())
+    ]
+    hint = close_matches(arch, every)
+    raise ConfigError(
+        f"unknown model '{arch}' (no task has it)"
+        + (f"; did you mean {', '.join(hint)}?" if hint else "; `kdforge models` lists the zoo")
+    )
+
+
+def task_input(task: str) -> tuple[int, int]:
+    """``(image_size, num_classes)`` a task's networks are profiled at by default: those of the task's built-in
+    dataset with the smallest input (the one its zoo networks are designed for, e.g. ``cifar10_seg``: 64, 11)."""
+    sets = [
+        DATASETS.meta(d)
+        for d in DATASETS.names()
+        if DATASETS.meta(d).get("task") == task and DATASETS.meta(d).get("image_size")
+    ]
+    sized = [m for m in sets if m.get("num_classes")]
+    if not sized:
+        raise ConfigError(
+            f"task '{task}' has no built-in dataset to take an input size from; pass --image-size and --num-classes"
+        )
+    best = min(sized, key=lambda m: m["image_size"])
+    return int(best["image_size"]), int(best["num_classes"])
+
+
+def task_network(task: str, arch: str, num_classes: int) -> nn.Module:
+    """A randomly initialised network ``arch`` of ``task`` with ``num_classes`` outputs (for profiling)."""
+    import inspect
+
+    check_task_model(task, arch)
+    cls = TASKS.get(task)
+    kwargs = {"num_classes": num_classes} if "num_classes" in inspect.signature(cls.__init__).parameters else {}
+    return cls(**kwargs).build_model(arch, **kwargs)
+
+
 def _num_classes(cfg_num: int | None, dataset: str, root: str | None = None) -> int:
     if cfg_num is not None:
         return cfg_num
     n = DATASETS.meta(dataset).get("num_classes") if dataset in DATASETS else None
+    if not n and root is not None and dataset == "seg_folder":
+        # A user's VOC/Cityscapes folder: its class count is the layout's (lists scanned, no image decoded).
+        from kdforge.data.segmentation import SegmentationFolder
+
+        n = SegmentationFolder(root, "train").num_classes
     if not n and root is not None and (Path(root) / "train").is_dir():
         # An image-folder run: its classes are the training split's sub-folders (counted, not decoded).
         n = len([p for p in (Path(root) / "train").iterdir() if p.is_dir() and not p.name.startswith(".")])
@@ -109,9 +193,19 @@ def load_run_model(checkpoint: str | Path, overrides: Mapping[str, Any] | None =
     merged["method"] = {"name": "vanilla"}  # the method's parameters do not matter for the exported network
     cfg = config_from_dict(merged)
     name = cfg.model.name
-    MODELS.get(name)  # an unknown name raises the registry's one-line "did you mean" error
-    num_classes = _num_classes(cfg.model.num_classes, cfg.data.name, cfg.data.root)
-    model = create_model(name, num_classes=num_classes)
+    task: Task | None = None
+    if cfg.task.name == "classification":
+        MODELS.get(name)  # an unknown name raises the registry's one-line "did you mean" error
+        num_classes = _num_classes(cfg.model.num_classes, cfg.data.name, cfg.data.root)
+        model = create_model(name, num_classes=num_classes)
+    else:
+        from kdforge.api import build_task
+
+        check_task_model(cfg.task.name, name)
+        given = cfg.task.params.get("num_classes") or cfg.model.num_classes
+        num_classes = _num_classes(given, cfg.data.name, cfg.data.root)
+        task = build_task(cfg, num_classes)
+        model = task.build_model(name, num_classes=num_classes)
     try:
         load_weights(model, state)
     except KDForgeError as err:
@@ -123,6 +217,7 @@ def load_run_model(checkpoint: str | Path, overrides: Mapping[str, Any] | None =
         image_size=_image_size(cfg.data.image_size, cfg.data.name, name),
         weights=path,
         teacher=teacher,
+        task=task,
     )
 
 
@@ -334,7 +429,7 @@ def export_student(
     loaded = load_run_model(checkpoint, overrides)
     teacher_name = loaded.teacher if teacher is None else (None if teacher.lower() == "none" else teacher)
     if teacher_name is not None:
-        MODELS.get(teacher_name)  # unknown names fail here, before anything is written
+        loaded.check_name(teacher_name)  # unknown names fail here, before anything is written
     size = image_size or loaded.image_size
     src = Path(checkpoint)
     out = prepare_out_dir(out_dir if out_dir is not None else (src if src.is_dir() else src.parent) / "export")
@@ -364,7 +459,7 @@ def export_student(
     if profile:
         batches = (1, batch_size)
         if teacher_name is not None:
-            tnet = create_model(teacher_name, num_classes=loaded.num_classes)
+            tnet = loaded.build(teacher_name)
             row = profile_model(
                 tnet, teacher_name, size, role="teacher", batch_sizes=batches, runs=runs, warmup=warmup, threads=threads
             )
@@ -384,6 +479,7 @@ def export_student(
             "weights": str(loaded.weights),
             "model": loaded.name,
             "num_classes": loaded.num_classes,
+            **({} if loaded.task_name == "classification" else {"task": loaded.task_name}),
             "input_shape": ["batch", 3, size, size],
             "torch": torch.__version__,
             "onnx_opset": ONNX_OPSET if "onnx" in result.files else None,
@@ -399,10 +495,14 @@ __all__ = [
     "FORMATS",
     "ExportResult",
     "LoadedModel",
+    "check_task_model",
     "export_onnx",
     "export_student",
     "export_torchscript",
     "load_run_model",
+    "model_task",
     "parse_formats",
     "prepare_out_dir",
+    "task_input",
+    "task_network",
 ]

@@ -1,12 +1,14 @@
-"""Tables and plots from run results: ``kdforge report`` (table.py), PNG plots (plots.py) and the published
-numbers kdforge compares against (published.py)."""
+"""Tables and plots from run results: ``kdforge report`` (table.py), PNG plots (plots.py), pictures of
+segmentation masks (masks.py) and the published numbers kdforge compares against (published.py)."""
 
+from kdforge.report.masks import MaskGrid, write_mask_grid
 from kdforge.report.published import PUBLISHED, Published, lookup
 from kdforge.report.table import Group, Report, Row, build_groups, replace_section, scan_runs, write_report
 
 __all__ = [
     "PUBLISHED",
     "Group",
+    "MaskGrid",
     "Published",
     "Report",
     "Row",
@@ -14,5 +16,6 @@ __all__ = [
     "lookup",
     "replace_section",
     "scan_runs",
+    "write_mask_grid",
     "write_report",
 ]

@@ -8,6 +8,10 @@ or a teacher-free method such as DML); the teacher row is the run its distillati
 distillation runs measured before training. Within a group, runs of one method form one row, aggregated over
 seeds; runs of one method that differ in anything but the seed (and bookkeeping keys) get separate rows whose labels
 name the differing keys.
+
+Every number is the run's primary metric: ``summary["primary"]`` (written by tasks other than classification, e.g.
+``mIoU`` for segmentation; ``top1`` when absent), read as ``best_<primary>``/``final_<primary>`` from ``summary.json``
+and ``test_<primary>`` from ``metrics.jsonl``. Runs of different primary metrics never share a table.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ DISPLAY = {
     "triplet_kd": "triplet KD",
     "purf": "PURF",
     "dml": "DML",
+    "pixel_kd": "pixel KD",
+    "cwd": "CWD",
+    "fckdnet": "FCKDNet",
 }
 
 # Config keys that never tell two runs' protocols apart: the seed (aggregated over), where files live, which
@@ -78,6 +85,11 @@ IGNORED_KEYS = (
 )
 
 
+def metric_label(primary: str) -> str:
+    """How a table, a note or an axis names a primary metric: ``top-1`` for ``top1``, else its own name."""
+    return "top-1" if primary == "top1" else primary
+
+
 @dataclass
 class RunRecord:
     """One finished run directory."""
@@ -87,6 +99,11 @@ class RunRecord:
     summary: dict[str, Any]
     curve: list[tuple[float, float]]
     env: dict[str, Any]
+
+    @property
+    def primary(self) -> str:
+        """The task's primary metric the run was scored and checkpointed by (``top1`` for classification)."""
+        return str(self.summary.get("primary", "top1"))
 
     @property
     def dataset(self) -> str:
@@ -135,7 +152,9 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _read_curve(path: Path) -> list[tuple[float, float]]:
+def _read_curve(path: Path, primary: str = "top1") -> list[tuple[float, float]]:
+    """``(epoch, test_<primary>)`` of every evaluated epoch in a ``metrics.jsonl``."""
+    key = f"test_{primary}"
     if not path.is_file():
         return []
     points = []
@@ -146,8 +165,8 @@ def _read_curve(path: Path) -> list[tuple[float, float]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a crash; the rest of the file is still good
-        if "test_top1" in record:
-            points.append((float(record["epoch"]), float(record["test_top1"])))
+        if key in record:
+            points.append((float(record["epoch"]), float(record[key])))
     # A resumed run may have logged an epoch twice (crash after the log line, before the checkpoint): keep the last.
     return sorted(dict(points).items())
 
@@ -169,7 +188,8 @@ def scan_runs(root: str | Path) -> list[RunRecord]:
             raise KDForgeError(f"{run_dir}: unreadable summary.json or config.yaml ({err})") from None
         env_path = run_dir / "env.json"
         env = json.loads(env_path.read_text()) if env_path.is_file() else {}
-        records.append(RunRecord(run_dir.resolve(), config, summary, _read_curve(run_dir / "metrics.jsonl"), env))
+        curve = _read_curve(run_dir / "metrics.jsonl", str(summary.get("primary", "top1")))
+        records.append(RunRecord(run_dir.resolve(), config, summary, curve, env))
     if not records:
         raise KDForgeError(f"no run directories (summary.json + config.yaml) under {root}")
     return records
@@ -221,6 +241,12 @@ class Group:
     teacher: str
     student: str
     rows: list[Row]
+    primary: str = "top1"  # the metric of every number in the table
+
+    @property
+    def metric(self) -> str:
+        """The primary metric's display name (``top-1``, ``mIoU``, ...)."""
+        return metric_label(self.primary)
 
     @property
     def slug(self) -> str:
@@ -235,18 +261,31 @@ def _order(method: str) -> tuple[int, str]:
     return (names.index(method), "") if method in names else (len(names), method)
 
 
-def _row(role: str, method: str, label: str, runs: list[RunRecord], key: tuple[str, str, str]) -> Row:
-    """Aggregate ``runs`` of group ``key`` = (dataset, teacher, student) into one row."""
-    dataset, teacher, student = key
-    best = Stat.of([float(r.summary["best_top1"]) for r in runs])
-    final = Stat.of([float(r.summary["final_top1"]) for r in runs])
+def _summary_value(run: RunRecord, key: str) -> float:
+    try:
+        return float(run.summary[key])
+    except KeyError:
+        raise KDForgeError(f"{run.path}/summary.json has no {key!r}; is it a kdforge run directory?") from None
+
+
+def _row(role: str, method: str, label: str, runs: list[RunRecord], key: tuple[str, str, str, str]) -> Row:
+    """Aggregate ``runs`` of group ``key`` = (dataset, teacher, student, primary) into one row."""
+    dataset, teacher, student, primary = key
+    best = Stat.of([_summary_value(r, f"best_{primary}") for r in runs])
+    final = Stat.of([_summary_value(r, f"final_{primary}") for r in runs])
     times = [float(r.summary["train_time_s"]) for r in runs if "train_time_s" in r.summary]
     extras: dict[str, list[float]] = {}
+    suffix = f"_{primary}"
     for r in runs:
         for name, value in r.summary.items():
-            if name.startswith("final_") and name.endswith("_top1") and name != "final_top1":
-                extras.setdefault(name.removeprefix("final_").removesuffix("_top1"), []).append(float(value))
-    published = lookup(dataset, teacher, student, "teacher" if role == "teacher" else method, runs[0].epochs)
+            if name.startswith("final_") and name.endswith(suffix) and name != f"final{suffix}":
+                extras.setdefault(name.removeprefix("final_").removesuffix(suffix), []).append(float(value))
+    # Published numbers are classification top-1 (BENCHMARKS.md); another metric is never compared with them.
+    published = (
+        lookup(dataset, teacher, student, "teacher" if role == "teacher" else method, runs[0].epochs)
+        if primary == "top1"
+        else None
+    )
     return Row(
         role=role,
         network=f"{teacher} (teacher)" if role == "teacher" else student,
@@ -303,14 +342,20 @@ def build_groups(records: Iterable[RunRecord]) -> list[Group]:
     records = list(records)
     by_path = {r.path: r for r in records}
     teacher_dirs = {r.teacher_checkpoint for r in records if r.teacher_checkpoint is not None}
-    keys = sorted({(r.dataset, r.teacher, r.model) for r in records if r.teacher is not None})
+    keys = sorted({(r.dataset, r.teacher, r.model, r.primary) for r in records if r.teacher is not None})
     groups = []
-    for dataset, teacher, student in keys:
-        distilled = [r for r in records if (r.dataset, r.teacher, r.model) == (dataset, teacher, student)]
+    for dataset, teacher, student, primary in keys:
+        distilled = [
+            r for r in records if (r.dataset, r.teacher, r.model, r.primary) == (dataset, teacher, student, primary)
+        ]
         alone = [
             r
             for r in records
-            if r.teacher is None and r.dataset == dataset and r.model == student and r.path not in teacher_dirs
+            if r.teacher is None
+            and r.dataset == dataset
+            and r.model == student
+            and r.primary == primary
+            and r.path not in teacher_dirs
         ]
         refs = {r.teacher_checkpoint for r in distilled}
         teacher_runs = [by_path[p] for p in sorted(p for p in refs if p in by_path)]  # type: ignore[type-var]
@@ -318,15 +363,20 @@ def build_groups(records: Iterable[RunRecord]) -> list[Group]:
             teacher_runs = [
                 r
                 for r in records
-                if r.teacher is None and r.method == "vanilla" and r.dataset == dataset and r.model == teacher
+                if r.teacher is None
+                and r.method == "vanilla"
+                and r.dataset == dataset
+                and r.model == teacher
+                and r.primary == primary
             ]
-        key = (dataset, teacher, student)
+        key = (dataset, teacher, student, primary)
         rows: list[Row] = []
         if teacher_runs:
             rows.append(_row("teacher", "vanilla", "vanilla", teacher_runs, key))
         else:
             # No teacher run in the scan: the accuracy the distillation runs measured on the same test set.
-            measured = sorted({float(r.summary["teacher_top1"]) for r in distilled if "teacher_top1" in r.summary})
+            measured_key = f"teacher_{primary}"
+            measured = sorted({float(r.summary[measured_key]) for r in distilled if measured_key in r.summary})
             if measured:
                 stat = Stat.of(measured)
                 rows.append(Row("teacher", f"{teacher} (teacher)", "—", "evaluated", [], stat, stat, None))
@@ -348,7 +398,7 @@ def build_groups(records: Iterable[RunRecord]) -> list[Group]:
                 std = math.sqrt(sum(s * s for s in stds)) if stds else None
                 row.gain_best = Stat(row.best.mean - base.best.mean, std, row.best.n)
                 row.gain_final = row.final.mean - base.final.mean
-        groups.append(Group(dataset, teacher, student, rows))
+        groups.append(Group(dataset, teacher, student, rows, primary))
     return groups
 
 
@@ -371,9 +421,16 @@ def _published_cell(row: Row) -> str:
     return f"{row.published.top1:.2f} [{row.published.tag}]" if row.published else "—"
 
 
+def columns(primary: str = "top1") -> list[str]:
+    """The table's column headers, naming the primary metric of its numbers."""
+    metric = metric_label(primary)
+    return [c.replace("top-1", metric) if c in ("best top-1", "final top-1") else c for c in COLUMNS]
+
+
 def markdown_table(group: Group) -> str:
     """The group's rows as a Markdown table."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    header = columns(group.primary)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in group.rows:
         gain = f"{row.gain_best.mean:+.2f}" if row.gain_best is not None else ""
         minutes = f"{row.time_s / 60:.1f} min" if row.time_s is not None else ""
@@ -395,13 +452,14 @@ def group_notes(group: Group) -> list[str]:
     """Sentences about extra networks a method reports (e.g. ATF's fine-tuned teacher) and published sources."""
     notes = []
     teacher = group.row("teacher")
+    metric = group.metric
     for row in group.rows:
         for name, stat in row.extras.items():
             if name == "teacher":
                 base = f" (the pretrained teacher: {teacher.final.mean:.2f} %)" if teacher else ""
-                notes.append(f"{row.label}'s fine-tuned teacher ends at {stat.format()} % top-1{base}.")
+                notes.append(f"{row.label}'s fine-tuned teacher ends at {stat.format()} % {metric}{base}.")
             else:
-                notes.append(f"{row.label}'s {name} network ends at {stat.format()} % top-1.")
+                notes.append(f"{row.label}'s {name} network ends at {stat.format()} % {metric}.")
     sources = {r.published.tag: r.published.source for r in group.rows if r.published}
     if sources:
         notes.append("Published: " + "; ".join(f"[{t}] {s}" for t, s in sorted(sources.items())) + ".")
@@ -457,7 +515,10 @@ def describe_budget(group: Group) -> str:
     if sched.get("warmup_epochs"):
         schedule += f" with {sched['warmup_epochs']} epoch(s) of warm-up"
     parts.append(schedule)
-    parts.append("random crop + flip" if data.get("augment", True) else "no augmentation")
+    # Classification crops and flips images; a dense task transforms image and targets jointly (segmentation: scale,
+    # crop and flip of image and mask).
+    augmentation = "random crop + flip" if group.primary == "top1" else "joint scale + crop + flip of input and target"
+    parts.append(augmentation if data.get("augment", True) else "no augmentation")
     return "; ".join(parts) + "."
 
 
@@ -478,14 +539,19 @@ def group_title(group: Group) -> str:
 
 
 def csv_text(groups: Sequence[Group]) -> str:
-    """One CSV row per table row of every group (numbers unrounded; empty cells for missing values)."""
+    """One CSV row per table row of every group (numbers unrounded; empty cells for missing values).
+
+    When any group's metric is not top-1, a last ``metric`` column names each row's metric (``best_mean`` etc. are
+    in that metric); a classification-only report keeps the columns it always had.
+    """
+    with_metric = any(g.primary != "top1" for g in groups)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     header = [
         "dataset", "teacher", "student", "role", "method", "label", "n", "best_mean", "best_std", "final_mean",
         "final_std", "gain_best", "gain_best_std", "gain_final", "train_time_s", "published_top1", "published_source",
     ]  # fmt: skip
-    writer.writerow(header)
+    writer.writerow(header + (["metric"] if with_metric else []))
 
     def num(x: float | None) -> str:
         return "" if x is None else f"{x:.4f}"
@@ -500,7 +566,7 @@ def csv_text(groups: Sequence[Group]) -> str:
                     num(gain.mean if gain else None), num(gain.std if gain else None), num(row.gain_final),
                     num(row.time_s), num(row.published.top1 if row.published else None),
                     row.published.source if row.published else "",
-                ]
+                ] + ([g.primary] if with_metric else [])
             )  # fmt: skip
     return buffer.getvalue()
 
@@ -525,12 +591,24 @@ def group_plots(group: Group, out_dir: Path) -> list[Path]:
         for row in group.rows
         if row.runs
     }
-    paths = [plot_seed_curves(curves, out_dir / f"{group.slug}_curves.png", title=group_title(group))]
+    metric = group.metric
+    paths = [
+        plot_seed_curves(
+            curves, out_dir / f"{group.slug}_curves.png", title=group_title(group), ylabel=f"test {metric} (%)"
+        )
+    ]
     gains = {
         row.label: (row.gain_best.mean, row.gain_best.std or 0.0) for row in group.rows if row.gain_best is not None
     }
     if gains:
-        paths.append(plot_gains(gains, out_dir / f"{group.slug}_gains.png", title=group_title(group)))
+        paths.append(
+            plot_gains(
+                gains,
+                out_dir / f"{group.slug}_gains.png",
+                title=group_title(group),
+                ylabel=f"gain in best {metric} over the student alone (points)",
+            )
+        )
     return paths
 
 
@@ -549,13 +627,20 @@ def render_block(
     lines = []
     if runs_command:
         lines.append(f"- Runs: `{runs_command}`")
+    metrics = sorted({g.metric for g in groups}, key=lambda m: (m != "top-1", m))
+    metric = " or ".join(metrics) if metrics else "top-1"
+    definition = (
+        f"- Best = highest test {metric} over the evaluated epochs; final = last epoch; mean ± std over seeds "
+        f"(sample std), n runs. Gain = mean best {metric} minus the student alone's on the same budget. Published: "
+        "best-epoch numbers from BENCHMARKS.md, shown only where dataset, pair, method and epochs match the "
+        "published protocol."
+    )
+    if len(metrics) > 1:
+        definition += " Each table's columns name its metric."
     lines += [
         f"- Table: `{command}` (report date {today})",
         f"- Device: {describe_device(records)}; runs finished {describe_dates(records)}.",
-        "- Best = highest test top-1 over the evaluated epochs; final = last epoch; mean ± std over seeds "
-        "(sample std), n runs. Gain = mean best top-1 minus the student alone's on the same budget. Published: "
-        "best-epoch numbers from BENCHMARKS.md, shown only where dataset, pair, method and epochs match the "
-        "published protocol.",
+        definition,
     ]
     single = len(groups) == 1
     for group in groups:
