@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=TEACHER_EPOCHS)
     parser.add_argument("--subset", type=int, default=TRAIN_SUBSET, help="training images (first N of 10,000)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed: results depend on it)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed: results depend on it)")
     parser.add_argument("--out", type=Path, default=TEACHER_ASSET, help="weights path; the .json goes beside it")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": SEED,
         "threads": args.threads,
         "train_time_s": round(train_time, 1),
-        "command": "python scripts/train_demo_teacher.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python scripts/train_demo_teacher.py", *(argv if argv is not None else sys.argv[1:])]),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
