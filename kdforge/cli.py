@@ -177,7 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("params", nargs="*", metavar="KEY=VALUE", help="method parameters, e.g. temperature=4")
     p = sub.add_parser("demo", help="teacher, student alone, KD and ATF on the embedded CIFAR-10 subset")
     p.add_argument("--out", default="runs/demo", metavar="DIR")
-    p.add_argument("--teacher-epochs", type=int, default=None)
+    p.add_argument(
+        "--train-teacher",
+        action="store_true",
+        help="train the resnet20 teacher here (6 epochs) instead of loading the shipped one",
+    )
+    p.add_argument("--teacher-epochs", type=int, default=None, help="with --train-teacher")
     p.add_argument("--student-epochs", type=int, default=None)
     p.add_argument("--train-subset", type=int, default=None, help="use only this many training images")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
@@ -472,6 +477,7 @@ def _demo_command(args: argparse.Namespace) -> int:
 
     run_demo(
         args.out,
+        train_teacher=args.train_teacher,
         teacher_epochs=args.teacher_epochs,
         student_epochs=args.student_epochs,
         train_subset=args.train_subset,

@@ -165,6 +165,7 @@ def test_demo_quick(tmp_path, capsys):
         "demo",
         "--out",
         str(tmp_path / "demo"),
+        "--train-teacher",
         "--teacher-epochs",
         "1",
         "--student-epochs",
