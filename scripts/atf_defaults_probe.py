@@ -1,8 +1,9 @@
 """How ATF's defaults were chosen: short ATF variants against KD from the same teacher (docs/methods/atf.md).
 
-Needs a teacher trained by ``kdforge demo`` (``runs/demo/teacher/model.pt``: resnet20 on the embedded subset).
+Needs a teacher trained by ``kdforge demo --train-teacher`` (``runs/demo/teacher/model.pt``: resnet20 on the embedded
+subset; the default demo ships its teacher and writes no teacher run).
 
-    kdforge demo --out runs/demo
+    kdforge demo --train-teacher --out runs/demo
     python scripts/atf_defaults_probe.py --teacher runs/demo/teacher/model.pt --epochs 3
 """
 
