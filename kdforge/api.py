@@ -33,8 +33,10 @@ from kdforge.methods import Method, create_method, instantiate_method
 from kdforge.models import count_parameters, create_model, load_weights
 from kdforge.registry import TASKS
 from kdforge.report.classification import ClassificationReport, classification_report, write_classification_report
+from kdforge.report.detection_pictures import detection_pictures
 from kdforge.report.masks import MaskGrid, write_mask_grid
 from kdforge.tasks.base import Task
+from kdforge.tasks.detection import DetectionTask
 from kdforge.tasks.segmentation import SegmentationTask
 from kdforge.validation import validate
 
@@ -400,6 +402,20 @@ def _class_maps(model: nn.Module, task: Task, x: torch.Tensor, size: torch.Size,
     return task.predict(logits)
 
 
+def detection_pictures_of(
+    checkpoint: str | Path, count: int, *, out: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> list[Path]:
+    """``count`` PNGs of a detection checkpoint's boxes (and the ground truth) on the first test images, written to
+    ``out`` (default: ``pictures/`` beside the weight file)."""
+    if count < 1:
+        raise ConfigError(f"--pictures {count}: ask for at least 1 picture")
+    model, task, data, _, path, _, _ = _checkpoint_network(checkpoint, overrides)
+    if not isinstance(task, DetectionTask):
+        raise ConfigError(f"{path} is a {task.name} run, not a detection run")
+    out_dir = Path(out) if out is not None else path.parent / "pictures"
+    return detection_pictures(model, task, data.test, data.classes, data.mean, data.std, out_dir, count)
+
+
 def mask_pictures(
     checkpoint: str | Path,
     count: int,
@@ -480,6 +496,7 @@ __all__ = [
     "create_method",
     "create_model",
     "default_run_dir",
+    "detection_pictures_of",
     "evaluate",
     "evaluate_checkpoint",
     "fit",

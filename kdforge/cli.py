@@ -73,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="classification: per-class precision/recall/F1, confusion matrix (printed, PNG), ROC for two classes",
     )
     p.add_argument(
-        "--pictures", type=int, default=None, metavar="N", help="segmentation: also draw the first N test images' masks"
+        "--pictures",
+        type=int,
+        default=None,
+        metavar="N",
+        help="segmentation: a PNG of the first N test images' masks; detection: N PNGs of boxes",
     )
     p.add_argument(
         "--teacher",
@@ -230,7 +234,13 @@ def _eval_command(args: argparse.Namespace) -> int:
         # The task's metrics in its evaluator's order; per-class entries ("IoU.cat") stay in --json.
         head = ["checkpoint", "model", "dataset", "params"]
         print(format_table([result], head + [k for k in result if k not in head and "." not in k]))
-    if args.pictures is not None:
+    if args.pictures is not None and result.get("AP") is not None:  # a detection run: boxes over test images
+        from kdforge.api import detection_pictures_of
+
+        paths = detection_pictures_of(args.checkpoint, args.pictures, out=args.pictures_out, overrides=overrides)
+        where = sys.stderr if args.json else sys.stdout
+        print(f"pictures: {len(paths)} PNGs in {paths[0].parent if paths else args.pictures_out}", file=where)
+    elif args.pictures is not None:
         from kdforge.api import mask_pictures
 
         grid = mask_pictures(

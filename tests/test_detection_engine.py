@@ -272,6 +272,12 @@ def test_train_distill_resume_and_eval_a_detector(tmp_path: Path, capsys) -> Non
     assert main(["eval", "--checkpoint", str(tmp_path / "a")]) == 0
     printed = capsys.readouterr().out
     assert "AP" in printed and f"{straight.final['AP']:.2f}" in printed
+    assert main(["eval", "--checkpoint", str(tmp_path / "a"), "--pictures", "2"]) == 0
+    assert "pictures: 2 PNGs" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "a" / "pictures").glob("*.png")) == [
+        "detection_000.png",
+        "detection_001.png",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- shared_kd
