@@ -25,6 +25,7 @@ from kdforge.engine import distributed
 from kdforge.engine.loop import TrainingInterrupted, evaluate
 from kdforge.errors import ConfigError
 from kdforge.methods import METHODS, create_method
+from kdforge.models import create_model
 
 N_TRAIN, N_TEST = 96, 37  # 37 test images: an odd count the two ranks cannot split evenly
 TRAIN = {"device": "cpu", "precision": "fp32", "progress": False, "log_every": 2, "seed": 0}
@@ -69,7 +70,8 @@ class DoubleNet(TinyNet):
 
 def make_method(name: str, norm: bool = True, net: type[TinyNet] = TinyNet, **params):
     torch.manual_seed(0)
-    student = net(norm=norm)
+    declared = METHODS.get(name).student_models  # e.g. DATS trains only its attention-sampled networks
+    student = create_model(declared[0], num_classes=4) if declared else net(norm=norm)
     torch.manual_seed(1)
     teacher = net(norm=norm) if METHODS.get(name).needs_teacher else None
     torch.manual_seed(2)
