@@ -9,7 +9,7 @@ TORCH_INDEX ?=
 PIP_FLAGS := $(if $(HAS_GPU),,-c constraints/cpu.txt) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test test-all lint format bench clean
 
 setup: $(STAMP)
 
@@ -24,7 +24,14 @@ $(STAMP): pyproject.toml constraints/cpu.txt | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/kdforge demo
 
+# `make test` leaves out the tests marked heavy (minutes-long reproductions, about 7 minutes together on 2 cores);
+# `make test-all` runs every test.
 test: $(STAMP)
+	$(BIN)/ruff check kdforge tests scripts
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q -m "not heavy" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
 	$(BIN)/ruff check kdforge tests scripts
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

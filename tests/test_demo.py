@@ -103,6 +103,7 @@ def test_teacher_script_is_bit_for_bit_reproducible_on_a_short_run(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_teacher_script_reproduces_the_shipped_weights(tmp_path):
     record = _record()
     if record["torch"] != torch.__version__:

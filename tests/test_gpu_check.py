@@ -65,6 +65,7 @@ def test_partial_results_render(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_dry_run_runs_every_step_on_the_cpu(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
