@@ -18,6 +18,7 @@ in order (consecutive images of one size are batched together).
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def scan_pairs(low_dir: Path | str, high_dir: Path | str) -> list[tuple[Path, Pa
     return pairs
 
 
-class PairSet:
+class PairSet(abc.ABC):
     """Low/normal-light image pairs, indexable: ``pair(i)`` → ``(low, high)`` uint8 ``[3, H, W]`` tensors.
 
     Subclasses hold the images in memory (:class:`InMemoryPairs`) or read them from disk (:class:`PairedFolder`).
@@ -108,12 +109,13 @@ class PairSet:
     def __len__(self) -> int:
         return len(self.names)
 
+    @abc.abstractmethod
     def pair(self, i: int) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """Pair ``i`` as uint8 ``[3, H, W]`` tensors ``(low, high)``."""
 
+    @abc.abstractmethod
     def size(self, i: int) -> tuple[int, int]:
         """``(H, W)`` of pair ``i``."""
-        raise NotImplementedError
 
 
 class InMemoryPairs(PairSet):
