@@ -14,16 +14,24 @@ batched tensor ops on the training device (docs/tasks/hashing.md lists the diffe
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
+from kdforge.data import DataBundle, balanced_subset, cifar10_source
 from kdforge.data.augment import IMAGENET_MEAN, IMAGENET_STD, hflip_where
+from kdforge.data.batch import Batch
+from kdforge.data.loader import train_shard
 from kdforge.errors import DataError
+from kdforge.registry import DATASETS
+from kdforge.seeding import mix_seed
 
 #: mAP@k of the BRCD/CIBHash protocols
 CIFAR10_TOPK = 1000
@@ -409,9 +417,288 @@ def eval_view(
     return (x - m) / s
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Loaders and registered datasets
+
+
+class HashingLoader:
+    """Batches of an in-memory retrieval split held on the device.
+
+    Training batches (``train=True``) carry the two CIBHash views of each image stacked on the channel axis,
+    ``input [B, 6, S, S]`` (:func:`two_views`, drawn from ``(seed, epoch, rank, batch)`` alone, so a resumed epoch
+    redraws them; without ``augment`` both views are the plain :func:`eval_view`); an epoch is a seeded permutation
+    sharded over ranks like every other loader (:func:`~kdforge.data.loader.train_shard`). Evaluation batches
+    carry one :func:`eval_view` per image, every image once, rank ``r`` taking images ``r, r + W, ...``.
+    ``Batch.index`` is the image's position in this split (the ranking's tie order and BRCD's cluster lookup),
+    ``Batch.targets`` its labels (``[B]`` int64 or ``[B, K]`` multi-hot), ``Batch.target`` the single labels (zeros
+    for multi-hot data).
+
+    Args:
+        images: ``[N, 3, H, W]`` uint8.
+        labels: ``[N]`` int64 or ``[N, K]`` float32 multi-hot.
+        batch_size: images per batch (per rank).
+        train: two augmented views, shuffled, last partial global batch dropped; else one plain view, in order.
+        image_size: side ``S`` of the network input.
+        device: where the images live and batches are made.
+        seed, rank, world_size, augment: as the other loaders.
+        extra_splits: further splits an evaluator scores this one against (the queries' ``{"database": loader}``,
+            :attr:`kdforge.tasks.base.Evaluator.extra_splits`).
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        *,
+        train: bool,
+        image_size: int,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        augment: bool = True,
+        extra_splits: Mapping[str, HashingLoader] | None = None,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        if labels.shape[0] != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+        self.batch_size, self.train, self.image_size = batch_size, train, image_size
+        self.seed, self.rank, self.world_size, self.augment = seed, rank, world_size, augment
+        self.extra_splits: dict[str, HashingLoader] = dict(extra_splits or {})
+        self.num_samples = self.dataset_size = images.shape[0]
+        self.epoch = self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.num_samples // (self.world_size * self.batch_size)
+        return math.ceil(len(range(self.rank, self.num_samples, self.world_size)) / self.batch_size)
+
+    def _order(self) -> list[Tensor]:
+        if self.train:
+            shard = train_shard(
+                self.num_samples, self.batch_size, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                world_size=self.world_size,
+            )  # fmt: skip
+            return list(shard.view(-1, self.batch_size))
+        return list(torch.split(torch.arange(self.rank, self.num_samples, self.world_size), self.batch_size))
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = self._order()
+        for i in range(self.start_batch, len(order)):
+            idx = order[i].to(self.device)
+            images, labels = self.images[idx], self.labels[idx]
+            if self.train and self.augment:
+                g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, self.epoch, self.rank, i, 19))
+                x = torch.cat(two_views(images, self.image_size, g), dim=1)
+            elif self.train:
+                view = eval_view(images, self.image_size)
+                x = torch.cat([view, view], dim=1)
+            else:
+                x = eval_view(images, self.image_size)
+            single = labels if labels.ndim == 1 else torch.zeros(len(idx), dtype=torch.int64, device=self.device)
+            yield Batch(x, single, idx, targets=labels)
+        self.start_batch = 0
+
+
+def _uint8_tensor(images: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
+
+
+def _bundle(
+    pool_images: np.ndarray,
+    pool_labels: np.ndarray,
+    split: HashingSplit,
+    classes: list[str],
+    *,
+    batch_size: int,
+    eval_batch_size: int,
+    image_size: int,
+    augment: bool,
+    device: torch.device,
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> DataBundle:
+    """The DataBundle of a protocol: ``train`` = two-view training batches, ``test`` = the queries, carrying the
+    database as ``test.extra_splits["database"]``."""
+
+    def part(idx: np.ndarray) -> tuple[Tensor, Tensor]:
+        labels = torch.from_numpy(np.asarray(pool_labels[idx]))
+        return _uint8_tensor(pool_images[idx]), labels.long() if labels.ndim == 1 else labels.float()
+
+    common: dict[str, Any] = {"image_size": image_size, "device": device, "rank": rank, "world_size": world_size}
+    database = HashingLoader(*part(split.database), eval_batch_size, train=False, **common)
+    queries = HashingLoader(
+        *part(split.query), eval_batch_size, train=False, extra_splits={"database": database}, **common
+    )
+    train_images, train_labels = part(split.train)
+    train = HashingLoader(train_images, train_labels, batch_size, train=True, seed=seed, augment=augment, **common)
+    return DataBundle(
+        train, queries, len(classes), classes, image_size, IMAGENET_MEAN, IMAGENET_STD, len(split.train),
+        train_targets=train_labels.cpu() if train_labels.ndim == 1 else None,
+    )  # fmt: skip
+
+
+def _cifar_pool(root: str | None, download: bool, train_subset: int | None) -> tuple[Any, np.ndarray, np.ndarray]:
+    """The CIFAR-10 source (embedded subset without ``root``) with its training split cut to a balanced
+    ``train_subset`` (fixed seed 0): the pool arrays are that training split followed by the test split."""
+    src = cifar10_source(root, download)
+    keep = balanced_subset(np.asarray(src.train_labels), train_subset, seed=0)
+    return src, np.asarray(src.train_labels)[keep], keep
+
+
+@DATASETS.register(
+    "cifar10_hash", kind="task", task="hashing", num_classes=10, image_size=32,
+    description="retrieval, BRCD's protocol: 500 train imgs/class, test split 1/2 val + 1/2 queries, db = train set",
+)  # fmt: skip
+def _cifar10_hash(
+    *,
+    root: str | None,
+    download: bool,
+    batch_size: int,
+    eval_batch_size: int,
+    image_size: int | None,
+    augment: bool,
+    train_subset: int | None,
+    test_subset: int | None,
+    device: torch.device,
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> DataBundle:
+    """Protocol (a), :func:`brcd_cifar_split` (dataset seed 0, the same for every run): the hasher trains on 500
+    training images per class, the queries are half of the test set, the database is the whole training set,
+    mAP@1000 (``task.topk``), on the CIFAR-10 of ``data.root`` (the JPEG ``.npz`` or the archive folder; default:
+    the embedded 10k/2k subset). ``data.train_subset`` cuts the training set (= the database) to a balanced subset,
+    from which the protocol still draws up to 500 images per class; ``data.test_subset`` keeps that many queries
+    (balanced). The validation half of the test set is not used (the loop keeps the best epoch by the queries' mAP)."""
+    src, train_labels, keep = _cifar_pool(root, download, train_subset)
+    test_labels = np.asarray(src.test_labels)
+    per_class = int(min(500, np.bincount(train_labels).min()))
+    split = brcd_cifar_split(train_labels, test_labels, seed=0, train_per_class=per_class)
+    query = split.query[balanced_subset(np.concatenate([train_labels, test_labels])[split.query], test_subset)]
+    split = HashingSplit(split.train, split.val, np.sort(query), split.database, split.topk)
+    images, labels = pool_arrays(np.asarray(src.train_images)[keep], train_labels, src.test_images, test_labels)
+    return _bundle(
+        images, labels, split, list(src.classes), batch_size=batch_size, eval_batch_size=eval_batch_size,
+        image_size=image_size or 32, augment=augment, device=device, seed=seed, rank=rank, world_size=world_size,
+    )  # fmt: skip
+
+
+@DATASETS.register(
+    "cifar10_hash_sup", kind="task", task="hashing", num_classes=10, image_size=32,
+    description="retrieval, supervised-hashing protocol: 100 queries/class, 500 train imgs/class, db = the rest",
+)  # fmt: skip
+def _cifar10_hash_sup(
+    *,
+    root: str | None,
+    download: bool,
+    batch_size: int,
+    eval_batch_size: int,
+    image_size: int | None,
+    augment: bool,
+    train_subset: int | None,
+    test_subset: int | None,
+    device: torch.device,
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> DataBundle:
+    """Protocol (b), :func:`supervised_cifar_split` (dataset seed 0): training and test images pooled, 100 queries
+    and 500 training images per class, every non-query image in the database; set ``task.topk: null`` for its
+    mAP@all. ``data.train_subset`` / ``data.test_subset`` set the training-image and query counts (split evenly
+    over the classes; defaults 5,000 / 1,000)."""
+    src = cifar10_source(root, download)
+    train_labels, test_labels = np.asarray(src.train_labels), np.asarray(src.test_labels)
+    k = len(src.classes)
+    split = supervised_cifar_split(
+        train_labels, test_labels, seed=0, query_per_class=(test_subset or 100 * k) // k,
+        train_per_class=(train_subset or 500 * k) // k,
+    )  # fmt: skip
+    images, labels = pool_arrays(src.train_images, train_labels, src.test_images, test_labels)
+    return _bundle(
+        images, labels, split, list(src.classes), batch_size=batch_size, eval_batch_size=eval_batch_size,
+        image_size=image_size or 32, augment=augment, device=device, seed=seed, rank=rank, world_size=world_size,
+    )  # fmt: skip
+
+
+def _read_list_images(lst: ImageList, root: Path, size: int) -> np.ndarray:
+    """The images of a list file, decoded to RGB and resized to ``size × size`` (bilinear): ``[N, 3, S, S]`` uint8.
+    Relative paths are read from ``root``."""
+    out = np.empty((len(lst.paths), 3, size, size), dtype=np.uint8)
+    for i, rel in enumerate(lst.paths):
+        path = Path(rel) if Path(rel).is_absolute() else root / rel
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB").resize((size, size), Image.BILINEAR)
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: cannot read the image listed in the list file ({err})") from None
+        out[i] = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+    return out
+
+
+@DATASETS.register(
+    "hash_list", kind="task", task="hashing", num_classes=None, image_size=224,
+    description="your retrieval data: train.txt, test.txt (queries), database.txt in data.root (path + 0/1 labels)",
+)  # fmt: skip
+def _hash_list(
+    *,
+    root: str | None,
+    download: bool,
+    batch_size: int,
+    eval_batch_size: int,
+    image_size: int | None,
+    augment: bool,
+    train_subset: int | None,
+    test_subset: int | None,
+    device: torch.device,
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> DataBundle:
+    """NUS-WIDE/MS-COCO-style list files (:func:`read_list_protocol`; relative image paths are read from
+    ``data.root``), decoded into memory at ``data.image_size`` (default 224); relevant = shares a label; use
+    ``task.topk: 5000`` (the multi-label protocols' mAP@5,000). ``data.train_subset`` / ``data.test_subset`` keep
+    the first that many training images / queries."""
+    if root is None:
+        raise DataError("dataset 'hash_list' needs data.root: a folder with train.txt, test.txt and database.txt")
+    r = Path(root)
+    lists = read_list_protocol(r)
+    size = image_size or 224
+    cut = {"train": train_subset, "test": test_subset, "database": None}
+    arrays = {}
+    for name, lst in lists.items():
+        n = len(lst.paths) if cut[name] is None else min(cut[name], len(lst.paths))  # type: ignore[type-var]
+        lst = ImageList(lst.paths[:n], lst.labels[:n])
+        arrays[name] = (_read_list_images(lst, r, size), lst.labels)
+    sizes = {name: len(a[0]) for name, a in arrays.items()}
+    offsets = np.cumsum([0, sizes["train"], sizes["test"]])
+    images = np.concatenate([arrays[n][0] for n in ("train", "test", "database")])
+    labels = np.concatenate([arrays[n][1] for n in ("train", "test", "database")])
+    split = HashingSplit(
+        train=np.arange(offsets[0], offsets[1]), val=np.zeros(0, np.int64), query=np.arange(offsets[1], offsets[2]),
+        database=np.arange(offsets[2], offsets[2] + sizes["database"]), topk=MULTILABEL_TOPK,
+    )  # fmt: skip
+    k = labels.shape[1]
+    return _bundle(
+        images, labels, split, [f"label{i}" for i in range(k)], batch_size=batch_size,
+        eval_batch_size=eval_batch_size, image_size=size, augment=augment, device=device, seed=seed, rank=rank,
+        world_size=world_size,
+    )  # fmt: skip
+
+
 __all__ = [
     "CIFAR10_TOPK",
     "MULTILABEL_TOPK",
+    "HashingLoader",
     "HashingSplit",
     "ImageList",
     "brcd_cifar_split",

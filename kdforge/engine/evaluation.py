@@ -9,7 +9,7 @@ and reduces them, so the engine never asks which task it evaluates.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from kdforge.collectives import CollectiveReducer
 from kdforge.data.batch import Batch
 from kdforge.engine.env import autocast, eval_mode, resolve_precision
+from kdforge.errors import ConfigError
 from kdforge.methods.base import Method
-from kdforge.tasks.base import Task
+from kdforge.tasks.base import EVALUATED_SPLIT, Evaluator, Task
 from kdforge.tasks.classification import ClassificationEvaluator, ClassificationTask
 
 
@@ -38,6 +39,10 @@ def evaluate(
     A :class:`Method` is evaluated through its ``forward_eval`` (the student) and its own task. A loader sharded over
     the processes of a distributed run (``world_size`` > 1) has its evaluator reduced over ranks, so every rank
     returns the metrics of the whole set (those that need gathered data: rank 0).
+
+    An evaluator that scores the split against other splits (:attr:`Evaluator.extra_splits`, e.g. a retrieval
+    database) gets them from ``loader.extra_splits`` (name → loader), encoded by the same network; those named in
+    :attr:`Evaluator.teacher_splits` are also encoded by a method's frozen teacher and fed as ``teacher_<name>``.
     """
     module = model if isinstance(model, nn.Module) else None
     fn = model.forward_eval if isinstance(model, Method) else model
@@ -50,13 +55,48 @@ def evaluate(
         task = model.task if isinstance(model, Method) else ClassificationTask()
     evaluator = task.evaluator()
     with eval_mode(module) if module is not None else contextlib.nullcontext():
-        for batch in loader:
-            batch = batch.to(device)
-            with autocast(device, dtype):
-                outputs = fn(batch.input)
-            evaluator.update(task.predict(outputs), batch.task_targets)
+        _feed(fn, loader, task, evaluator, device, dtype, EVALUATED_SPLIT)
+        if evaluator.extra_splits:
+            splits = _extra_splits(loader, evaluator, task)
+            for name in evaluator.extra_splits:
+                _feed(fn, splits[name], task, evaluator, device, dtype, name)
+            teacher = model.teacher if isinstance(model, Method) else None
+            if teacher is not None:
+                with eval_mode(teacher):
+                    for name in evaluator.teacher_splits:
+                        _feed(teacher, splits[name], task, evaluator, device, dtype, f"teacher_{name}")
     reducer: Any = CollectiveReducer() if getattr(loader, "world_size", 1) > 1 else None
     return evaluator.compute(reducer)
+
+
+def _feed(
+    fn: Callable[[Tensor], Any],
+    loader: Iterable[Batch],
+    task: Task,
+    evaluator: Evaluator,
+    device: torch.device,
+    dtype: torch.dtype,
+    split: str,
+) -> None:
+    """Every batch of ``loader`` through ``fn`` and the task's post-processing into ``evaluator`` as ``split``."""
+    for batch in loader:
+        batch = batch.to(device)
+        with autocast(device, dtype):
+            outputs = fn(batch.input)
+        evaluator.update_batch(task.predict(outputs), batch, split)
+
+
+def _extra_splits(loader: Iterable[Batch], evaluator: Evaluator, task: Task) -> Mapping[str, Iterable[Batch]]:
+    """The loaders of the splits ``evaluator`` needs beside the evaluated one, from ``loader.extra_splits``."""
+    splits: Mapping[str, Iterable[Batch]] = getattr(loader, "extra_splits", None) or {}
+    missing = [name for name in evaluator.extra_splits if name not in splits]
+    if missing:
+        raise ConfigError(
+            f"the {task.name} evaluator scores the test split against the {missing} split(s), which this test loader "
+            f"does not provide (it has {sorted(splits)}); use a dataset registered for task '{task.name}' "
+            "(kdforge datasets), whose test loader carries them as extra_splits"
+        )
+    return splits
 
 
 @torch.no_grad()

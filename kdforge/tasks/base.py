@@ -13,6 +13,11 @@ from typing import Any, ClassVar, Protocol
 
 from torch import Tensor, nn
 
+from kdforge.data.batch import Batch
+
+#: the name under which :func:`kdforge.engine.evaluation.evaluate` passes the batches of the loader it evaluates
+EVALUATED_SPLIT = "test"
+
 
 class Reducer(Protocol):
     """The two collectives an evaluator needs. One process: ``sum`` is the identity, ``gather`` returns ``[obj]``."""
@@ -48,6 +53,13 @@ class Evaluator(abc.ABC):
     primary: ClassVar[str]
     #: whether a larger ``primary`` is better (mIoU, AP, mAP, PSNR: yes; a loss: no)
     higher_is_better: ClassVar[bool] = True
+    #: further named splits the evaluator scores the evaluated split against (retrieval: ``("database",)``): the
+    #: engine encodes each with the same network and feeds it through :meth:`update_batch` under its name; the
+    #: evaluated loader provides them as ``extra_splits`` (a mapping name → loader)
+    extra_splits: tuple[str, ...] = ()
+    #: of ``extra_splits``, those the engine also encodes with a distillation run's frozen teacher, fed as
+    #: ``"teacher_<name>"`` (retrieval: student queries against a teacher-encoded database)
+    teacher_splits: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def reset(self) -> None:
@@ -56,6 +68,15 @@ class Evaluator(abc.ABC):
     @abc.abstractmethod
     def update(self, preds: Any, targets: Any) -> None:
         """Add one batch: the task's post-processed predictions and the batch's targets."""
+
+    def update_batch(self, preds: Any, batch: Batch, split: str = EVALUATED_SPLIT) -> None:
+        """Add one batch of ``split`` (:data:`EVALUATED_SPLIT`, a name of :attr:`extra_splits`, or
+        ``"teacher_<name>"``): the engine's entry point. The default passes the evaluated split's batches to
+        :meth:`update` with ``batch.task_targets``; an evaluator that needs dataset indices or extra splits
+        overrides it."""
+        if split != EVALUATED_SPLIT:
+            raise ValueError(f"{type(self).__name__} scores one split; it was given batches of {split!r}")
+        self.update(preds, batch.task_targets)
 
     @abc.abstractmethod
     def compute(self, reducer: Reducer | None = None) -> dict[str, float]:
