@@ -89,6 +89,18 @@ def _detection_batch(method: Method, seed: int, n: int = 2) -> Batch:
     )
 
 
+def _hashing_batch(method: Method, seed: int, n: int = 6) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 16, 16, generator=g)
+    views = torch.cat([x + 0.3 * torch.randn(n, 3, 16, 16, generator=g) for _ in range(2)], dim=1)  # [B, 6, H, W]
+    labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    return Batch(views, labels, (torch.arange(n) + n * seed) % CONTEXT["num_train"], targets=labels)
+
+
+def _hashing_task() -> Task:
+    return TASKS.get("hashing")(bits=16)
+
+
 def _detection_task() -> Task:
     return TASKS.get("detection")(num_classes=NUM_CLASSES)
 
@@ -121,6 +133,12 @@ TASK_CASES: dict[str, TaskCase] = {
         student=_seeded(lambda: _detection_task().build_model("gfl_resnet8")),
         teacher=_seeded(lambda: _detection_task().build_model("gfl_resnet20")),
         batch=_detection_batch,
+    ),
+    "hashing": TaskCase(
+        task=_hashing_task,
+        student=_seeded(lambda: _hashing_task().build_model("hash_resnet8")),
+        teacher=_seeded(lambda: _hashing_task().build_model("hash_resnet14", hidden=32)),
+        batch=_hashing_batch,
     ),
 }
 
