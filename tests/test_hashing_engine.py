@@ -22,6 +22,7 @@ from kdforge.losses.hashing import (
     contrastive_code_kd,
     hash_codes_ste,
     kmeans,
+    nearest_center,
 )
 from kdforge.methods import Progress, create_method
 from kdforge.models.dense.hashing import binary_codes
@@ -169,6 +170,7 @@ def test_evaluation_shards_show_every_image_once():
     assert sorted(seen.tolist()) == list(range(23))
 
 
+@pytest.mark.slow
 def test_cifar10_hash_protocol_on_the_embedded_subset():
     data = build_data("cifar10_hash", batch_size=16, eval_batch_size=64, train_subset=600, test_subset=100)
     db = data.test.extra_splits["database"]
@@ -274,7 +276,7 @@ def _brcd(**params):
 def test_brcd_before_clustering_records_teacher_codes_and_uses_the_plain_contrastive_term():
     method = _brcd()
     batch = make_batch(method, "hashing")
-    out, h_i, h_j, t_i, t_j = _outputs(method, batch)
+    out, h_i, _h_j, t_i, t_j = _outputs(method, batch)
     want = brcd_loss(hash_codes_ste(h_i)[1], t_i, t_j, false_negatives=False, false_positives=False)
     torch.testing.assert_close(out.losses["brcd"], want)
     assert set(out.losses) == {"contrastive", "kl", "brcd"}
@@ -282,13 +284,17 @@ def test_brcd_before_clustering_records_teacher_codes_and_uses_the_plain_contras
     assert not method.clustered
 
 
-def _fill_and_cluster(method, seeds=range(3, 14)):
-    for seed in seeds:
-        _outputs(method, make_batch(method, "hashing", seed=seed))
+def _fill_and_cluster(method):
+    """Recorded teacher codes for training indices 0..59 (three noisy prototypes), 60..63 never recorded."""
+    g = torch.Generator().manual_seed(0)
+    protos = torch.where(torch.rand(3, 16, generator=g) < 0.5, -1.0, 1.0)
+    flip = torch.where(torch.rand(60, 16, generator=g) < 0.1, -1.0, 1.0)
+    method.recorded_codes[:60] = protos[torch.arange(60) % 3] * flip
     method.on_epoch_start(0)
     assert not method.clustered  # cluster_epochs = 1: epoch 0 only records
     method.on_epoch_start(1)
     assert method.clustered
+    assert (method.assign[:60] >= 0).all() and (method.assign[60:] == -1).all()
 
 
 @pytest.mark.parametrize(
@@ -314,7 +320,7 @@ def test_brcd_after_clustering_is_brcd_loss_with_kmeans_clusters_and_the_mask(sw
     if switches.get("reference_all_zero_mask"):
         assert not mask.any()
     batch = make_batch(method, "hashing", seed=5)  # indices recorded above
-    out, h_i, h_j, t_i, t_j = _outputs(method, batch)
+    out, h_i, _h_j, t_i, t_j = _outputs(method, batch)
     cluster = method.assign[batch.index]
     assert (cluster >= 0).all()
     use_mask = switches.get("use_mask", True)
@@ -322,8 +328,6 @@ def test_brcd_after_clustering_is_brcd_loss_with_kmeans_clusters_and_the_mask(sw
     fp = switches.get("false_positives", True)
     aug = None
     if fp:
-        from kdforge.losses.hashing import nearest_center
-
         t_assign = t_j * rows if switches.get("aug_cluster_from_masked") and rows is not None else t_j
         aug = nearest_center(t_assign, res.centers)
     want = brcd_loss(
@@ -356,6 +360,7 @@ def test_brcd_rejects_a_run_too_short_to_cluster_and_a_non_hashing_task():
 # ---------------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_a_short_distillation_run_reports_both_maps(tmp_path):
     from kdforge.api import run
     from kdforge.config import config_from_dict
