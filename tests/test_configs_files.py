@@ -117,6 +117,18 @@ def smoke_teachers(tmp_path_factory):
     return teacher
 
 
+def _label_prior(cfg) -> float:
+    """The mean over queries of the fraction of the database sharing the query's label (a random ranking's
+    expected precision) on the config's hashing split."""
+    import torch
+
+    from kdforge.api import data_from_config
+
+    data = data_from_config(cfg.data, torch.device("cpu"))
+    q, d = data.test.labels, data.test.extra_splits["database"].labels
+    return float((q[:, None] == d[None, :]).double().mean())
+
+
 def _identity_psnr(cfg) -> float:
     """Test PSNR of the low-light input taken as its own enhancement (the identity baseline of a config's data)."""
     import torch
@@ -169,6 +181,11 @@ def test_smoke_config_learns(path, smoke_teachers, tmp_path):
             baseline,
             [h["test_psnr"] for h in result.history],
         )
+    elif task == "hashing":
+        # Chance level of retrieval: a random ranking's precision, the share of the database that shares a query's
+        # label (about 0.1 on CIFAR-10's balanced classes); mAP@k of two epochs' codes must beat it.
+        chance = _label_prior(load_config(path))
+        assert max(h["test_map"] for h in result.history) > chance, (chance, [h["test_map"] for h in result.history])
     else:
         # Two epochs on 256 canvases train a detector's regression, not yet its scores: AP is still ~0 there (the
         # vanilla smoke teacher measured AP50 0.0 after 2 epochs on 2026-11-28), so the check is that the whole
