@@ -134,6 +134,24 @@ def cibhash_loss(
     }
 
 
+def relaxed_codes(logits: Tensor, relaxation: Literal["ste", "tanh"] = "ste") -> Tensor:
+    """What a code-KD student emits for a batch: its straight-through ``±1`` codes (``"ste"``, CIBHash's
+    ``sign(σ(h) − ½)``, :func:`hash_codes_ste`) or the continuous relaxation ``tanh(h/2) = 2σ(h) − 1`` (``"tanh"``).
+
+    Args:
+        logits: ``[B, b]`` continuous codes ``h``.
+        relaxation: ``"ste"`` or ``"tanh"``.
+
+    Returns:
+        ``[B, b]`` float32.
+    """
+    if relaxation == "ste":
+        return hash_codes_ste(logits)[1]
+    if relaxation == "tanh":
+        return torch.tanh(logits.float() / 2)
+    raise ValueError(f"relaxation must be 'ste' or 'tanh', got {relaxation!r}")
+
+
 def code_matching_loss(student: Tensor, teacher: Tensor, kind: Literal["mse", "cosine"] = "mse") -> Tensor:
     """Code-matching KD: the student's codes regress the teacher's codes of the same images.
 
@@ -569,6 +587,7 @@ __all__ = [
     "kmeans",
     "nearest_center",
     "nt_xent",
+    "relaxed_codes",
     "silhouette_score",
     "symmetric_bernoulli_kl",
 ]

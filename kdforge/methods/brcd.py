@@ -16,7 +16,7 @@ from kdforge.losses.hashing import (
     nearest_center,
 )
 from kdforge.methods.base import Method, Progress, StepOutput, total_loss
-from kdforge.methods.code_kd import teacher_view_codes
+from kdforge.models.dense.hashing import binary_codes
 from kdforge.registry import METHODS
 from kdforge.tasks.base import Task
 
@@ -160,7 +160,8 @@ class BRCD(Method):
 
     def forward_train(self, batch: Batch, progress: Progress) -> StepOutput:
         h_i, h_j = self.task.train_outputs(self.student, batch.input)
-        t_i, t_j = teacher_view_codes(self, batch.input)
+        with torch.no_grad():
+            t_i, t_j = (binary_codes(t) for t in self.task.train_outputs(self.teacher, batch.input))
         parts = self.task.loss((h_i, h_j), batch.task_targets) if self.task_loss else {}
         _, z_i = hash_codes_ste(h_i)
         if not self.clustered:

@@ -5,29 +5,13 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from kdforge.data.batch import Batch
-from kdforge.losses.hashing import code_matching_loss, hash_codes_ste
+from kdforge.losses.hashing import code_matching_loss, relaxed_codes
 from kdforge.methods.base import Method, Progress, StepOutput, total_loss
 from kdforge.models.dense.hashing import binary_codes
 from kdforge.registry import METHODS
-
-
-def student_codes(logits: Tensor, relaxation: Literal["ste", "tanh"]) -> Tensor:
-    """What a code-KD student emits for a batch: its straight-through ``±1`` codes (``"ste"``, CIBHash's
-    ``sign(σ(h) − ½)``) or the continuous relaxation ``tanh(h/2) = 2σ(h) − 1`` (``"tanh"``). ``[B, b]`` float32."""
-    if relaxation == "ste":
-        return hash_codes_ste(logits)[1]
-    return torch.tanh(logits.float() / 2)
-
-
-def teacher_view_codes(method: Method, x: Tensor) -> tuple[Tensor, Tensor]:
-    """The frozen teacher's ``±1`` codes of the two views of a hashing training batch ``x`` ``[B, 6, H, W]``."""
-    assert method.teacher is not None
-    with torch.no_grad():
-        t_i, t_j = method.task.train_outputs(method.teacher, x)
-    return binary_codes(t_i), binary_codes(t_j)
 
 
 @METHODS.register("code_kd")
@@ -68,12 +52,13 @@ class CodeKD(Method):
 
     def forward_train(self, batch: Batch, progress: Progress) -> StepOutput:
         h_i, h_j = self.task.train_outputs(self.student, batch.input)
-        t_i, t_j = teacher_view_codes(self, batch.input)
+        with torch.no_grad():
+            t_i, t_j = (binary_codes(t) for t in self.task.train_outputs(self.teacher, batch.input))
         parts = self.task.loss((h_i, h_j), batch.task_targets)
-        s_i, s_j = student_codes(h_i, self.relaxation), student_codes(h_j, self.relaxation)
+        s_i, s_j = relaxed_codes(h_i, self.relaxation), relaxed_codes(h_j, self.relaxation)
         kd = (code_matching_loss(s_i, t_i, self.kind) + code_matching_loss(s_j, t_j, self.kind)) / 2
         parts["code_kd"] = self.kd_weight * kd
         return StepOutput(loss=total_loss(parts), losses=parts, logits=None)
 
 
-__all__ = ["CodeKD", "student_codes", "teacher_view_codes"]
+__all__ = ["CodeKD"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import nn
 
 from kdforge.data.batch import Batch
-from kdforge.losses.hashing import contrastive_code_kd
+from kdforge.losses.hashing import contrastive_code_kd, relaxed_codes
 from kdforge.methods.base import Method, Progress, StepOutput, total_loss
-from kdforge.methods.code_kd import student_codes, teacher_view_codes
+from kdforge.models.dense.hashing import binary_codes
 from kdforge.registry import METHODS
 
 
@@ -62,9 +63,10 @@ class ContrastiveCodeKD(Method):
 
     def forward_train(self, batch: Batch, progress: Progress) -> StepOutput:
         h_i, h_j = self.task.train_outputs(self.student, batch.input)
-        t_i, t_j = teacher_view_codes(self, batch.input)
+        with torch.no_grad():
+            t_i, t_j = (binary_codes(t) for t in self.task.train_outputs(self.teacher, batch.input))
         parts = self.task.loss((h_i, h_j), batch.task_targets)
-        s_i, s_j = student_codes(h_i, self.relaxation), student_codes(h_j, self.relaxation)
+        s_i, s_j = relaxed_codes(h_i, self.relaxation), relaxed_codes(h_j, self.relaxation)
         kd = contrastive_code_kd(s_i, t_i, self.temperature, self.symmetric) + contrastive_code_kd(
             s_j, t_j, self.temperature, self.symmetric
         )
