@@ -435,7 +435,8 @@ def export_student(
     out = prepare_out_dir(out_dir if out_dir is not None else (src if src.is_dir() else src.parent) / "export")
     result = ExportResult(out_dir=out)
 
-    model = loaded.model
+    # what the task deploys: the network, or the network plus in-graph post-processing (a hasher's binary codes)
+    model = loaded.model if loaded.task is None else loaded.task.export_module(loaded.model)
     example = torch.randn(CHECK_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
     for fmt in fmts:
         if fmt == "torchscript":

@@ -383,3 +383,28 @@ def test_a_short_distillation_run_reports_both_maps(tmp_path):
     result = run(config_from_dict(cfg), "distill", tmp_path / "s")
     last = result.history[-1]
     assert 0 < last["test_map"] <= 1 and 0 < last["test_map_teacher_db"] <= 1
+
+
+def test_export_writes_an_encoder_that_emits_the_binary_codes(tmp_path):
+    from kdforge.export import export_student
+
+    task = _task()
+    torch.manual_seed(0)
+    net = task.build_model("hash_resnet8").eval()
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    overrides = {
+        "task": {"name": "hashing", "bits": 16},
+        "model": {"name": "hash_resnet8"},
+        "data": {"name": "cifar10_hash"},
+    }
+    result = export_student(
+        tmp_path / "model.pt", tmp_path / "export", formats="torchscript", overrides=overrides, profile=False
+    )
+    assert result.checks[0]["status"] == "ok", result.checks
+    scripted = torch.jit.load(str(result.files["torchscript"]))
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        codes = scripted(x)
+        want = task.predict(net(x))
+    assert codes.shape == (5, 16) and set(codes.unique().tolist()) <= {-1.0, 1.0}
+    assert torch.equal(codes, want)

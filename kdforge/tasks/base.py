@@ -122,3 +122,9 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def evaluator(self) -> Evaluator:
         """A fresh evaluator for this task's metrics."""
+
+    def export_module(self, model: nn.Module) -> nn.Module:
+        """What ``kdforge export`` writes for a trained ``model``: the network itself (default), or a wrapper that
+        adds the part of post-processing a deployment needs inside the graph (a hasher's binarisation). It must
+        trace: static control flow only."""
+        return model

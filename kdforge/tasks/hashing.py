@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from kdforge.data.batch import Batch
 from kdforge.errors import ConfigError
 from kdforge.losses.hashing import cibhash_loss
-from kdforge.models.dense.hashing import HASHING_MODELS, binary_codes, build_hashing_model
+from kdforge.models.dense.hashing import HASHING_MODELS, BinaryHashExport, binary_codes, build_hashing_model
 from kdforge.ops.retrieval import evaluate_retrieval, precision_recall_by_radius
 from kdforge.registry import TASKS
 from kdforge.tasks.base import EVALUATED_SPLIT, Evaluator, Reducer, Task
@@ -277,6 +277,11 @@ class HashingTask(Task):
     def predict(self, outputs: Tensor) -> Tensor:
         """``±1`` codes ``[B, bits]`` float32 from the continuous codes (one view)."""
         return binary_codes(outputs)
+
+    def export_module(self, model: nn.Module) -> nn.Module:
+        """The encoder emitting ``±1`` codes ``[B, bits]`` float32 (:class:`BinaryHashExport`): ``kdforge export``
+        writes a graph whose output is the binary code, equal to :meth:`predict` of the network's output."""
+        return BinaryHashExport(model)
 
     def evaluator(self) -> HashingEvaluator:
         return HashingEvaluator(topk=self.topk, teacher_database=self.teacher_database, bits=self.bits)
