@@ -159,6 +159,48 @@ def segmentation(out: Path, names: list[str]) -> None:
     (out / f"rank{info.rank}.json").write_text(json.dumps(results))
 
 
+def hashing(out: Path, names: list[str]) -> None:
+    """Hashing under DDP: mAP (and a method's teacher-database mAP) of sharded queries and database (odd counts,
+    gathered to rank 0 by index) against one process, and every hashing method for two short epochs (BRCD clusters
+    its rank-summed code table at the second) with checksums per rank."""
+    from kdforge.data.hashing import HashingLoader
+    from kdforge.engine.evaluation import evaluate as evaluate_task
+    from kdforge.registry import TASKS
+
+    info = distributed.current()
+    task = TASKS.get("hashing")(bits=16, topk=20)
+    g = torch.Generator().manual_seed(0)
+    n_db = 29
+    images = torch.randint(0, 255, (N_TRAIN + N_TEST + n_db, 3, 16, 16), generator=g).to(torch.uint8)
+    labels = torch.randint(0, 4, (N_TRAIN + N_TEST + n_db,), generator=g)
+    common = {"image_size": 16}
+
+    def loaders(rank: int, world: int) -> SimpleNamespace:
+        shard = {"rank": rank, "world_size": world, **common}
+        db = HashingLoader(images[-n_db:], labels[-n_db:], 4, train=False, **shard)
+        test = HashingLoader(
+            images[N_TRAIN : N_TRAIN + N_TEST], labels[N_TRAIN : N_TRAIN + N_TEST], 5, train=False,
+            extra_splits={"database": db}, **shard,
+        )  # fmt: skip
+        train = HashingLoader(images[:N_TRAIN], labels[:N_TRAIN], 8, train=True, **shard)
+        return SimpleNamespace(train=train, test=test, num_classes=4, num_train=N_TRAIN, train_targets=None)
+
+    torch.manual_seed(0)
+    student, teacher = task.build_model("hash_resnet8").eval(), task.build_model("hash_resnet14").eval()
+    probe = create_method("code_kd", student, teacher, task=task)
+    results = {"sharded": evaluate_task(probe, loaders(info.rank, info.world_size).test, task=task)}
+    results["single"] = evaluate_task(probe, loaders(0, 1).test, task=task)
+    for name in names:
+        torch.manual_seed(0)
+        s_net = task.build_model("hash_resnet8")
+        t_net = task.build_model("hash_resnet14") if METHODS.get(name).needs_teacher else None
+        context = {"num_train": N_TRAIN, "epochs": 2}
+        method = create_method(name, s_net, t_net, task=task, context=context)
+        fit(method, loaders(info.rank, info.world_size), train={**TRAIN, "epochs": 2}, optim=OPTIM)
+        results[name] = {k: v.double().sum().item() for k, v in method.state_dict().items() if v.is_floating_point()}
+    (out / f"rank{info.rank}.json").write_text(json.dumps(results))
+
+
 def detection(out: Path, names: list[str]) -> None:
     """Detection under DDP: COCO AP of a sharded test split (an odd count, gathered to rank 0 and ordered by image
     id) against one process on all of it, and every detection method for one short epoch (checksums per rank)."""
@@ -287,6 +329,8 @@ def main() -> None:
         segmentation(out, rest)
     elif mode == "detection":
         detection(out, rest)
+    elif mode == "hashing":
+        hashing(out, rest)
     elif mode == "resume":
         resume(out)
     elif mode == "fault":

@@ -229,3 +229,16 @@ def test_detection_ap_is_exact_and_methods_keep_ranks_identical_under_ddp(tmp_pa
     assert b["sharded"] == a["sharded"] and b["single"] == a["single"]  # every rank gets rank 0's metrics
     for name in names:
         assert a[name] == b[name], name
+
+
+def test_hashing_map_is_exact_and_methods_keep_ranks_identical_under_ddp(tmp_path):
+    names = [n for n in METHODS.names() if {"hashing", "*"} & set(METHODS.get(n).tasks)]
+    run_worker("hashing", tmp_path, *names)
+    a = json.loads((tmp_path / "rank0.json").read_text())
+    b = json.loads((tmp_path / "rank1.json").read_text())
+    # Rank 0 gathers both shards' query and database codes (the teacher's too), orders them by index and scores
+    # them; one sum shares the numbers: the one process's mAPs, exactly, on both ranks.
+    assert a["sharded"] == a["single"] and "map_teacher_db" in a["single"], (a["sharded"], a["single"])
+    assert b["sharded"] == a["sharded"]
+    for name in names:
+        assert a[name] == b[name], name

@@ -4,6 +4,7 @@ loaders, the methods brcd / code_kd / contrastive_code_kd against the pure losse
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -361,7 +362,7 @@ def test_brcd_rejects_a_run_too_short_to_cluster_and_a_non_hashing_task():
 
 
 @pytest.mark.slow
-def test_a_short_distillation_run_reports_both_maps(tmp_path):
+def test_a_short_distillation_run_reports_both_maps_and_kdforge_eval_prints_map(tmp_path, capsys):
     from kdforge.api import run
     from kdforge.config import config_from_dict
 
@@ -383,6 +384,15 @@ def test_a_short_distillation_run_reports_both_maps(tmp_path):
     result = run(config_from_dict(cfg), "distill", tmp_path / "s")
     last = result.history[-1]
     assert 0 < last["test_map"] <= 1 and 0 < last["test_map_teacher_db"] <= 1
+    from kdforge.engine.checkpoint import load_checkpoint
+
+    assert int(load_checkpoint(tmp_path / "s" / "last.pt")["method"]["k"]) == 4  # clustered at epoch 2's start
+    from kdforge.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "s"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["map"] == pytest.approx(last["test_map"])  # student.pt holds the last epoch's weights
 
 
 def test_export_writes_an_encoder_that_emits_the_binary_codes(tmp_path):
