@@ -197,7 +197,11 @@ def hashing(out: Path, names: list[str]) -> None:
         context = {"num_train": N_TRAIN, "epochs": 2}
         method = create_method(name, s_net, t_net, task=task, context=context)
         fit(method, loaders(info.rank, info.world_size), train={**TRAIN, "epochs": 2}, optim=OPTIM)
-        results[name] = {k: v.double().sum().item() for k, v in method.state_dict().items() if v.is_floating_point()}
+        # BRCD's table of recorded teacher codes is per rank by design (each rank records its shard; clustering sums
+        # the tables): every other tensor, its clusters included, must be identical across ranks.
+        own = set(method.ddp_ignored_state())
+        state = method.state_dict().items()
+        results[name] = {k: v.double().sum().item() for k, v in state if v.is_floating_point() and k not in own}
     (out / f"rank{info.rank}.json").write_text(json.dumps(results))
 
 
