@@ -416,6 +416,27 @@ def detection_pictures_of(
     return detection_pictures(model, task, data.test, data.classes, data.mean, data.std, out_dir, count)
 
 
+def retrieval_pictures_of(
+    checkpoint: str | Path,
+    count: int,
+    *,
+    k: int = 10,
+    out: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Path:
+    """A PNG of a hashing checkpoint's first ``count`` test queries, each followed by its top ``k`` database images
+    (Hamming ranking; frames: green = same label), written to ``out`` (default: ``retrieval.png`` beside the weight
+    file)."""
+    from kdforge.report.retrieval_pictures import retrieval_pictures
+
+    if count < 1:
+        raise ConfigError(f"--pictures {count}: ask for at least 1 picture")
+    model, task, data, _, path, _, _ = _checkpoint_network(checkpoint, overrides)
+    if task.name != "hashing":
+        raise ConfigError(f"{path} is a {task.name} run, not a hashing run")
+    return retrieval_pictures(model, data.test, Path(out) if out else path.parent / "retrieval.png", count, k)
+
+
 def mask_pictures(
     checkpoint: str | Path,
     count: int,

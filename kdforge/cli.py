@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="segmentation: a PNG of the first N test images' masks; detection: N PNGs of boxes",
+        help="segmentation: a PNG of the first N test images' masks; detection: N PNGs of boxes; hashing: N queries "
+        "and their top 10",
     )
     p.add_argument(
         "--teacher",
@@ -240,6 +241,11 @@ def _eval_command(args: argparse.Namespace) -> int:
         paths = detection_pictures_of(args.checkpoint, args.pictures, out=args.pictures_out, overrides=overrides)
         where = sys.stderr if args.json else sys.stdout
         print(f"pictures: {len(paths)} PNGs in {paths[0].parent if paths else args.pictures_out}", file=where)
+    elif args.pictures is not None and result.get("map") is not None:  # a hashing run: queries and their top 10
+        from kdforge.api import retrieval_pictures_of
+
+        png = retrieval_pictures_of(args.checkpoint, args.pictures, out=args.pictures_out, overrides=overrides)
+        print(f"pictures: {png}", file=sys.stderr if args.json else sys.stdout)
     elif args.pictures is not None:
         from kdforge.api import mask_pictures
 
