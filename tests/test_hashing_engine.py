@@ -390,10 +390,15 @@ def test_a_short_distillation_run_reports_both_maps_and_kdforge_eval_prints_map(
     from kdforge.cli import main
 
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "s"), "--json"]) == 0
+    assert main(["eval", "--checkpoint", str(tmp_path / "s"), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["map"] == pytest.approx(last["test_map"])  # student.pt holds the last epoch's weights
-    assert main(["eval", str(tmp_path / "s"), "--pictures", "3", "--pictures-out", str(tmp_path / "r.png")]) == 0
+    assert (
+        main(
+            ["eval", "--checkpoint", str(tmp_path / "s"), "--pictures", "3", "--pictures-out", str(tmp_path / "r.png")]
+        )
+        == 0
+    )
     assert "map" in capsys.readouterr().out
     assert Image.open(tmp_path / "r.png").size[1] > 3 * 32  # three query rows
 
