@@ -510,21 +510,26 @@ def enhancement_pictures_of(
     count: int,
     *,
     teacher: str | Path | None = None,
+    baseline: str | Path | None = None,
     out: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Path:
     """A PNG grid of an enhancement checkpoint on the first ``count`` test images: low-light input, teacher (by
-    default the one the run distilled from; ``"none"`` for none), student and ground truth, each output captioned
-    with its PSNR to the ground truth. ``out`` defaults to ``enhanced.png`` beside the weight file."""
+    default the one the run distilled from; ``"none"`` for none), the student trained alone (``baseline``, a run
+    directory or weight file, if given), the student and ground truth, each output captioned with its PSNR to the
+    ground truth. ``out`` defaults to ``enhanced.png`` beside the weight file."""
     if count < 1:
         raise ConfigError(f"--pictures {count}: ask for at least 1 picture")
     model, task, data, _, path, device, saved_teacher = _checkpoint_network(checkpoint, overrides)
     if not isinstance(task, EnhancementTask):
         raise ConfigError(f"{path} is a {task.name} run, not an enhancement run")
     teacher_net = _teacher_network(teacher, saved_teacher, task, data.num_classes, device)
+    alone = _teacher_network(baseline, None, task, data.num_classes, device) if baseline is not None else None
     low, clean = _first_test_batch(data, count, device)
     target = Path(out) if out is not None else path.parent / "enhanced.png"
-    return enhancement_pictures(model, teacher_net[0] if teacher_net else None, low, clean, target)
+    return enhancement_pictures(
+        model, teacher_net[0] if teacher_net else None, low, clean, target, baseline=alone[0] if alone else None
+    )
 
 
 def attention_pictures_of(
@@ -555,6 +560,7 @@ def pictures_of(
     count: int,
     *,
     teacher: str | Path | None = None,
+    baseline: str | Path | None = None,
     out: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> tuple[list[Path], str]:
@@ -562,18 +568,23 @@ def pictures_of(
 
     Segmentation: a mask grid (input, teacher, student, ground truth); detection: one PNG of boxes per image;
     enhancement: an image grid with PSNR captions; classification: the attention maps and resampled images of an
-    attention-sampled (DATS) student. Returns the files written and a one-line description of them.
+    attention-sampled (DATS) student. ``baseline`` (enhancement only): the student trained alone, drawn beside the
+    distilled one. Returns the files written and a one-line description of them.
     """
     _, _, merged = checkpoint_config(checkpoint, overrides)
     task_name = (merged.get("task") or {}).get("name", TaskConfig().name)
+    if baseline is not None and task_name != "enhancement":
+        raise ConfigError(f"--baseline is drawn in enhancement pictures only; this is a {task_name} run")
     if task_name == "detection":
         if teacher is not None:
             raise ConfigError("--teacher is not drawn in detection pictures (one PNG per image of the student's boxes)")
         paths = detection_pictures_of(checkpoint, count, out=out, overrides=overrides)
         return paths, f"{len(paths)} PNGs in {paths[0].parent if paths else out}"
     if task_name == "enhancement":
-        grid = enhancement_pictures_of(checkpoint, count, teacher=teacher, out=out, overrides=overrides)
-        return [grid], f"{grid} (low-light input, teacher, student, ground truth; PSNR under each output)"
+        grid = enhancement_pictures_of(
+            checkpoint, count, teacher=teacher, baseline=baseline, out=out, overrides=overrides
+        )
+        return [grid], f"{grid} (low-light input, teacher, student(s), ground truth; PSNR under each output)"
     if task_name == "classification":
         if teacher is not None:
             raise ConfigError("--teacher is not drawn in attention pictures (the student's own attention is)")

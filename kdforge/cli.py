@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="teacher run dir or weight file drawn beside the student (default: the run's teacher; 'none')",
     )
     p.add_argument(
+        "--baseline",
+        metavar="PATH",
+        help="enhancement pictures: the student trained alone (run dir or weight file), drawn beside the distilled one",
+    )
+    p.add_argument(
         "--pictures-out",
         metavar="FILE",
         help="where --pictures go (default: the run dir; detection: <run dir>/pictures/)",
@@ -220,8 +225,10 @@ def _eval_command(args: argparse.Namespace) -> int:
     from kdforge.config import apply_overrides
 
     overrides = apply_overrides({}, args.overrides)
-    if args.pictures is None and (args.teacher or args.pictures_out):
-        raise ConfigError("--teacher and --pictures-out go with --pictures N (how many test images to draw)")
+    if args.pictures is None and (args.teacher or args.pictures_out or args.baseline):
+        raise ConfigError(
+            "--teacher, --baseline and --pictures-out go with --pictures N (how many test images to draw)"
+        )
     if args.pictures is not None and args.pictures < 1:
         raise ConfigError(f"--pictures {args.pictures}: ask for at least 1 picture")
     if args.report:
@@ -243,7 +250,12 @@ def _eval_command(args: argparse.Namespace) -> int:
         from kdforge.api import pictures_of
 
         _, described = pictures_of(
-            args.checkpoint, args.pictures, teacher=args.teacher, out=args.pictures_out, overrides=overrides
+            args.checkpoint,
+            args.pictures,
+            teacher=args.teacher,
+            baseline=args.baseline,
+            out=args.pictures_out,
+            overrides=overrides,
         )
         # On stderr under --json, so stdout stays one JSON document.
         print(f"pictures: {described}", file=sys.stderr if args.json else sys.stdout)

@@ -256,3 +256,14 @@ def test_train_distill_resume_and_eval_an_enhancer(tmp_path: Path, capsys) -> No
     assert main(["eval", "--checkpoint", str(tmp_path / "a"), "--pictures", "1", "--teacher", "none"]) == 0
     alone = np.asarray(Image.open(tmp_path / "a" / "enhanced.png"))
     assert alone.shape[1] == 3 * (side * zoom + GUTTER) + GUTTER  # no teacher column
+    # --baseline adds the "student alone" column; drawn from the teacher's run here, it must repeat the teacher's
+    assert main(["eval", "--checkpoint", str(tmp_path / "a"), "--pictures", "1", "--baseline", str(teacher_dir)]) == 0
+    five = np.asarray(Image.open(tmp_path / "a" / "enhanced.png").convert("RGB"))
+    cell = side * zoom + GUTTER
+    assert five.shape[1] == 5 * cell + GUTTER
+    top = CAPTION + GUTTER
+    teacher_tile = five[top : top + side * zoom, GUTTER + cell : GUTTER + cell + side * zoom]
+    alone_tile = five[top : top + side * zoom, GUTTER + 2 * cell : GUTTER + 2 * cell + side * zoom]
+    student_tile = five[top : top + side * zoom, GUTTER + 3 * cell : GUTTER + 3 * cell + side * zoom]
+    np.testing.assert_array_equal(alone_tile, teacher_tile)
+    assert not np.array_equal(student_tile, teacher_tile)
