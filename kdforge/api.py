@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kdforge.config import DataConfig, RunConfig, config_from_dict, deep_merge, load_config, load_yaml
+from kdforge.config import DataConfig, RunConfig, TaskConfig, config_from_dict, deep_merge, load_config, load_yaml
 from kdforge.data import DataBundle, build_data
 from kdforge.engine import distributed
 from kdforge.engine import loop as engine
@@ -31,12 +31,16 @@ from kdforge.engine.loop import FitResult
 from kdforge.errors import CheckpointError, ConfigError
 from kdforge.methods import Method, create_method, instantiate_method
 from kdforge.models import count_parameters, create_model, load_weights
+from kdforge.models.attention_sampled import AttentionSampledNet
 from kdforge.registry import TASKS
+from kdforge.report.attention_pictures import attention_rows, plot_attention
 from kdforge.report.classification import ClassificationReport, classification_report, write_classification_report
 from kdforge.report.detection_pictures import detection_pictures
+from kdforge.report.enhancement_pictures import enhancement_pictures
 from kdforge.report.masks import MaskGrid, write_mask_grid
 from kdforge.tasks.base import Task
 from kdforge.tasks.detection import DetectionTask
+from kdforge.tasks.enhancement import EnhancementTask
 from kdforge.tasks.segmentation import SegmentationTask
 from kdforge.validation import validate
 
@@ -506,9 +510,122 @@ def mask_pictures(
     )
 
 
+def _first_test_batch(data: DataBundle, count: int, device: torch.device) -> tuple[torch.Tensor, Any]:
+    """The inputs and targets of the first ``count`` test images, in order, on ``device``."""
+    inputs: list[torch.Tensor] = []
+    targets: list[Any] = []
+    seen = 0
+    for batch in data.test:
+        batch = batch.to(device)
+        take = min(count - seen, batch.input.shape[0])
+        inputs.append(batch.input[:take])
+        targets.append(batch.task_targets[:take])
+        seen += take
+        if seen >= count:
+            break
+    return torch.cat(inputs), torch.cat(targets)
+
+
+def enhancement_pictures_of(
+    checkpoint: str | Path,
+    count: int,
+    *,
+    teacher: str | Path | None = None,
+    baseline: str | Path | None = None,
+    out: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Path:
+    """A PNG grid of an enhancement checkpoint on the first ``count`` test images: low-light input, teacher (by
+    default the one the run distilled from; ``"none"`` for none), the student trained alone (``baseline``, a run
+    directory or weight file, if given), the student and ground truth, each output captioned with its PSNR to the
+    ground truth. ``out`` defaults to ``enhanced.png`` beside the weight file."""
+    if count < 1:
+        raise ConfigError(f"--pictures {count}: ask for at least 1 picture")
+    model, task, data, _, path, device, saved_teacher = _checkpoint_network(checkpoint, overrides)
+    if not isinstance(task, EnhancementTask):
+        raise ConfigError(f"{path} is a {task.name} run, not an enhancement run")
+    teacher_net = _teacher_network(teacher, saved_teacher, task, data.num_classes, device)
+    alone = _teacher_network(baseline, None, task, data.num_classes, device) if baseline is not None else None
+    low, clean = _first_test_batch(data, count, device)
+    target = Path(out) if out is not None else path.parent / "enhanced.png"
+    return enhancement_pictures(
+        model, teacher_net[0] if teacher_net else None, low, clean, target, baseline=alone[0] if alone else None
+    )
+
+
+def attention_pictures_of(
+    checkpoint: str | Path, count: int, *, out: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> Path:
+    """A PNG of an attention-sampled student (``dats_*``) on the first ``count`` test images: the input, the
+    structure map and the structure-preserving image it classifies, a detail map and the detail-preserving image its
+    teacher learns from. The detail channel is drawn with a fixed seed (0), so the picture is reproducible. ``out``
+    defaults to ``attention.png`` beside the weight file."""
+    if count < 1:
+        raise ConfigError(f"--pictures {count}: ask for at least 1 picture")
+    model, _, data, cfg, path, device, _ = _checkpoint_network(checkpoint, overrides)
+    if not isinstance(model, AttentionSampledNet):
+        raise ConfigError(
+            f"--pictures on a classification run draws the attention of an attention-sampled student (dats_*); "
+            f"{path} is a {cfg.model.name}: use --report DIR for its per-class report"
+        )
+    images, labels = _first_test_batch(data, count, device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    rows = attention_rows(model, images, generator)
+    titles = [f"{data.classes[int(y)]}" if data.classes else str(int(y)) for y in labels.tolist()]
+    target = Path(out) if out is not None else path.parent / "attention.png"
+    return plot_attention(rows, data.mean, data.std, target, titles=titles)
+
+
+def pictures_of(
+    checkpoint: str | Path,
+    count: int,
+    *,
+    teacher: str | Path | None = None,
+    baseline: str | Path | None = None,
+    out: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[list[Path], str]:
+    """``kdforge eval --pictures``: the pictures of a checkpoint's task on its first ``count`` test images.
+
+    Segmentation: a mask grid (input, teacher, student, ground truth); detection: one PNG of boxes per image;
+    enhancement: an image grid with PSNR captions; classification: the attention maps and resampled images of an
+    attention-sampled (DATS) student; hashing: each query with its top 10 database images. ``baseline`` (enhancement
+    only): the student trained alone, drawn beside the distilled one. Returns the files written and a one-line description of them.
+    """
+    _, _, merged = checkpoint_config(checkpoint, overrides)
+    task_name = (merged.get("task") or {}).get("name", TaskConfig().name)
+    if baseline is not None and task_name != "enhancement":
+        raise ConfigError(f"--baseline is drawn in enhancement pictures only; this is a {task_name} run")
+    if task_name == "detection":
+        if teacher is not None:
+            raise ConfigError("--teacher is not drawn in detection pictures (one PNG per image of the student's boxes)")
+        paths = detection_pictures_of(checkpoint, count, out=out, overrides=overrides)
+        return paths, f"{len(paths)} PNGs in {paths[0].parent if paths else out}"
+    if task_name == "enhancement":
+        grid = enhancement_pictures_of(
+            checkpoint, count, teacher=teacher, baseline=baseline, out=out, overrides=overrides
+        )
+        return [grid], f"{grid} (low-light input, teacher, student(s), ground truth; PSNR under each output)"
+    if task_name == "classification":
+        if teacher is not None:
+            raise ConfigError("--teacher is not drawn in attention pictures (the student's own attention is)")
+        grid = attention_pictures_of(checkpoint, count, out=out, overrides=overrides)
+        return [grid], f"{grid} (input, structure map and image, detail map and image)"
+    if task_name == "segmentation":
+        masks = mask_pictures(checkpoint, count, teacher=teacher, out=out, overrides=overrides)
+        return [masks.path], f"{masks.path} ({', '.join(masks.columns)})"
+    if task_name == "hashing":
+        if teacher is not None:
+            raise ConfigError("--teacher is not drawn in retrieval pictures (the student's own ranking is)")
+        png = retrieval_pictures_of(checkpoint, count, out=out, overrides=overrides)
+        return [png], f"{png} ({count} queries, each with its top 10 database images; green frame = same label)"
+    raise ConfigError(f"--pictures has no picture for {task_name} runs yet; drop --pictures")
+
+
 __all__ = [
     "AUTO_RUN_DIR",
     "FitResult",
+    "attention_pictures_of",
     "build_data",
     "build_network",
     "build_run",
@@ -518,12 +635,15 @@ __all__ = [
     "create_model",
     "default_run_dir",
     "detection_pictures_of",
+    "enhancement_pictures_of",
     "evaluate",
     "evaluate_checkpoint",
     "fit",
     "load_run_config",
     "mask_pictures",
+    "pictures_of",
     "resolve_weights",
+    "retrieval_pictures_of",
     "run",
     "validate",
 ]

@@ -77,15 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="segmentation: a PNG of the first N test images' masks; detection: N PNGs of boxes; hashing: N queries "
-        "and their top 10",
+        help="pictures of the first N test images: segmentation masks, detection boxes (one PNG each), enhanced "
+        "images, a DATS student's attention, or hashing queries with their top 10 retrievals",
     )
     p.add_argument(
         "--teacher",
         metavar="PATH",
         help="teacher run dir or weight file drawn beside the student (default: the run's teacher; 'none')",
     )
-    p.add_argument("--pictures-out", metavar="FILE", help="the PNG of --pictures (default: <run dir>/masks.png)")
+    p.add_argument(
+        "--baseline",
+        metavar="PATH",
+        help="enhancement pictures: the student trained alone (run dir or weight file), drawn beside the distilled one",
+    )
+    p.add_argument(
+        "--pictures-out",
+        metavar="FILE",
+        help="where --pictures go (default: the run dir; detection: <run dir>/pictures/)",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.name=resnet8 data.name=cifar10")
     p = sub.add_parser("predict", help="a trained classifier on a folder or list of images, to a CSV")
     p.add_argument("network", metavar="RUN_OR_FILE", help="run dir, student.pt, or an exported .torchscript.pt/.onnx")
@@ -216,8 +225,10 @@ def _eval_command(args: argparse.Namespace) -> int:
     from kdforge.config import apply_overrides
 
     overrides = apply_overrides({}, args.overrides)
-    if args.pictures is None and (args.teacher or args.pictures_out):
-        raise ConfigError("--teacher and --pictures-out go with --pictures N (how many test images to draw)")
+    if args.pictures is None and (args.teacher or args.pictures_out or args.baseline):
+        raise ConfigError(
+            "--teacher, --baseline and --pictures-out go with --pictures N (how many test images to draw)"
+        )
     if args.pictures is not None and args.pictures < 1:
         raise ConfigError(f"--pictures {args.pictures}: ask for at least 1 picture")
     if args.report:
@@ -235,25 +246,19 @@ def _eval_command(args: argparse.Namespace) -> int:
         # The task's metrics in its evaluator's order; per-class entries ("IoU.cat") stay in --json.
         head = ["checkpoint", "model", "dataset", "params"]
         print(format_table([result], head + [k for k in result if k not in head and "." not in k]))
-    if args.pictures is not None and result.get("AP") is not None:  # a detection run: boxes over test images
-        from kdforge.api import detection_pictures_of
+    if args.pictures is not None:
+        from kdforge.api import pictures_of
 
-        paths = detection_pictures_of(args.checkpoint, args.pictures, out=args.pictures_out, overrides=overrides)
-        where = sys.stderr if args.json else sys.stdout
-        print(f"pictures: {len(paths)} PNGs in {paths[0].parent if paths else args.pictures_out}", file=where)
-    elif args.pictures is not None and result.get("map") is not None:  # a hashing run: queries and their top 10
-        from kdforge.api import retrieval_pictures_of
-
-        png = retrieval_pictures_of(args.checkpoint, args.pictures, out=args.pictures_out, overrides=overrides)
-        print(f"pictures: {png}", file=sys.stderr if args.json else sys.stdout)
-    elif args.pictures is not None:
-        from kdforge.api import mask_pictures
-
-        grid = mask_pictures(
-            args.checkpoint, args.pictures, teacher=args.teacher, out=args.pictures_out, overrides=overrides
+        _, described = pictures_of(
+            args.checkpoint,
+            args.pictures,
+            teacher=args.teacher,
+            baseline=args.baseline,
+            out=args.pictures_out,
+            overrides=overrides,
         )
         # On stderr under --json, so stdout stays one JSON document.
-        print(f"pictures: {grid.path} ({', '.join(grid.columns)})", file=sys.stderr if args.json else sys.stdout)
+        print(f"pictures: {described}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

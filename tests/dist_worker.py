@@ -252,6 +252,54 @@ def detection(out: Path, names: list[str]) -> None:
     (out / f"rank{info.rank}.json").write_text(json.dumps(results))
 
 
+def enhancement(out: Path, names: list[str]) -> None:
+    """Enhancement under DDP: mean PSNR/SSIM of a sharded test split (an odd count, two image sizes, so the ranks'
+    batches differ in shape) against one process on all of it, and every enhancement method for one short epoch
+    (checksums of every trainable tensor per rank)."""
+    from kdforge.data.lowlight import EnhancementLoader, InMemoryPairs
+    from kdforge.engine.evaluation import evaluate as evaluate_task
+    from kdforge.registry import TASKS
+
+    info = distributed.current()
+    task = TASKS.get("enhancement")()
+    g = torch.Generator().manual_seed(0)
+    highs = torch.randint(0, 255, (N_TRAIN + N_TEST, 3, 16, 16), generator=g).to(torch.uint8)
+    lows = (highs.float() * 0.2).to(torch.uint8)
+    big = torch.randint(0, 255, (N_TEST // 2, 3, 20, 20), generator=g).to(torch.uint8)
+    test_highs = list(highs[N_TRAIN:]) + list(big)  # sizes 16, then 20
+    test_lows = [(h.float() * 0.2).to(torch.uint8) for h in test_highs]
+    train = InMemoryPairs(lows[:N_TRAIN], highs[:N_TRAIN], [str(i) for i in range(N_TRAIN)])
+    test = InMemoryPairs(test_lows, test_highs, [str(i) for i in range(len(test_highs))])
+
+    def loaders(rank: int, world: int) -> SimpleNamespace:
+        common = {"rank": rank, "world_size": world}
+        return SimpleNamespace(
+            train=EnhancementLoader(train, 8, train=True, crop_size=12, **common),
+            test=EnhancementLoader(test, 5, train=False, **common),
+            num_classes=0,
+            num_train=N_TRAIN,
+            train_targets=None,
+        )
+
+    torch.manual_seed(0)
+    student = task.build_model("unet_enhancer_w8").eval()
+    results = {"sharded": evaluate_task(student, loaders(info.rank, info.world_size).test, task=task)}
+    results["single"] = evaluate_task(student, loaders(0, 1).test, task=task)
+    for name in names:
+        torch.manual_seed(0)
+        s_net = task.build_model("unet_enhancer_w8")
+        t_net = task.build_model("unet_enhancer_w12") if METHODS.get(name).needs_teacher else None
+        method = create_method(name, s_net, t_net, task=task)
+        fit(
+            method,
+            loaders(info.rank, info.world_size),
+            train={**TRAIN, "epochs": 1},
+            optim={"name": "adamw", "lr": 1e-3},
+        )
+        results[name] = {k: v.double().sum().item() for k, v in method.state_dict().items() if v.is_floating_point()}
+    (out / f"rank{info.rank}.json").write_text(json.dumps(results))
+
+
 def resume(out: Path) -> None:
     """CRD (per-rank negative sampling, all-gathered banks) for 2 epochs straight, and 1 epoch then resumed."""
     info = distributed.current()
@@ -335,6 +383,8 @@ def main() -> None:
         detection(out, rest)
     elif mode == "hashing":
         hashing(out, rest)
+    elif mode == "enhancement":
+        enhancement(out, rest)
     elif mode == "resume":
         resume(out)
     elif mode == "fault":

@@ -120,3 +120,35 @@ def test_attention_picture_panels_and_file(tmp_path) -> None:
     path = plot_attention(rows, CIFAR10_MEAN, CIFAR10_STD, tmp_path / "att.png", titles=["a", "b", "c"])
     w, h = Image.open(path).size
     assert w > h > 300
+
+
+def test_eval_pictures_draw_a_trained_students_attention(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from kdforge.api import attention_pictures_of, pictures_of, run
+    from kdforge.cli import main
+    from kdforge.config import config_from_dict
+
+    def train(model: str, out: str) -> None:
+        cfg = {
+            "model": {"name": model},
+            "method": {"name": "vanilla"},
+            "data": {"name": "embedded", "batch_size": 16, "train_subset": 32, "test_subset": 8, "num_workers": 0},
+            "train": {"epochs": 1, "progress": False, "seed": 0},
+        }
+        run(config_from_dict(cfg), "train", tmp_path / out)
+
+    train("dats_resnet8", "dats")
+    assert main(["eval", "--checkpoint", str(tmp_path / "dats"), "--pictures", "3"]) == 0
+    assert f"pictures: {tmp_path / 'dats' / 'attention.png'}" in capsys.readouterr().out
+    three = Image.open(tmp_path / "dats" / "attention.png").size
+    five = Image.open(attention_pictures_of(tmp_path / "dats", 5, out=tmp_path / "five.png")).size
+    assert five[0] == three[0] and five[1] > three[1]  # one row per image, five panels across
+    again = attention_pictures_of(tmp_path / "dats", 3, out=tmp_path / "again.png")
+    assert again.read_bytes() == (tmp_path / "dats" / "attention.png").read_bytes()  # the detail channel is seeded
+
+    train("resnet8", "plain")
+    with pytest.raises(ConfigError, match=r"attention-sampled student \(dats_\*\).*--report"):
+        pictures_of(tmp_path / "plain", 2)
+    with pytest.raises(ConfigError, match="--teacher is not drawn"):
+        pictures_of(tmp_path / "dats", 2, teacher=tmp_path / "plain")

@@ -231,6 +231,22 @@ def test_detection_ap_is_exact_and_methods_keep_ranks_identical_under_ddp(tmp_pa
         assert a[name] == b[name], name
 
 
+def test_enhancement_metrics_match_one_process_and_methods_keep_ranks_identical_under_ddp(tmp_path):
+    names = [n for n in METHODS.names() if {"enhancement", "*"} & set(METHODS.get(n).tasks)]
+    run_worker("enhancement", tmp_path, *names)
+    a = json.loads((tmp_path / "rank0.json").read_text())
+    b = json.loads((tmp_path / "rank1.json").read_text())
+    # Per-image PSNR/SSIM sums and the count are all-reduced in float64: the one process's means up to summation
+    # order, on every rank, and every image counted once.
+    assert a["sharded"] == b["sharded"]
+    assert a["sharded"]["num_images"] == a["single"]["num_images"] == 37 + 37 // 2
+    for key in ("psnr", "ssim"):
+        assert a["sharded"][key] == pytest.approx(a["single"][key], rel=1e-12, abs=1e-12), key
+    assert len(names) >= 5
+    for name in names:
+        assert a[name] == b[name], name
+
+
 def test_hashing_map_is_exact_and_methods_keep_ranks_identical_under_ddp(tmp_path):
     names = [n for n in METHODS.names() if {"hashing", "*"} & set(METHODS.get(n).tasks)]
     run_worker("hashing", tmp_path, *names)

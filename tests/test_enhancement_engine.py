@@ -232,3 +232,38 @@ def test_train_distill_resume_and_eval_an_enhancer(tmp_path: Path, capsys) -> No
     assert main(["eval", "--checkpoint", str(tmp_path / "a")]) == 0
     printed = capsys.readouterr().out
     assert "psnr" in printed and "ssim" in printed and f"{straight.final['psnr']:.2f}" in printed
+
+    # --pictures: input, teacher, student, ground truth; the ground-truth tiles are the test split's clean images
+    from PIL import Image
+
+    from kdforge.report.enhancement_pictures import CAPTION, GUTTER
+
+    assert main(["eval", "--checkpoint", str(tmp_path / "a"), "--pictures", "2"]) == 0
+    assert f"pictures: {tmp_path / 'a' / 'enhanced.png'}" in capsys.readouterr().out
+    grid = np.asarray(Image.open(tmp_path / "a" / "enhanced.png").convert("RGB"))
+    data = build_data("cifar10_lowlight", **{k: v for k, v in TINY.items() if k != "name"}, augment=False)
+    clean = next(iter(data.test)).targets[:2]
+    side, zoom = clean.shape[-1], 4  # whole test images (image_size crops the training images only)
+    assert (
+        grid.shape[1] == 4 * (side * zoom + GUTTER) + GUTTER
+        and grid.shape[0] == CAPTION + 2 * (side * zoom + CAPTION + GUTTER) + GUTTER
+    )
+    for i in range(2):
+        x0, y0 = GUTTER + 3 * (side * zoom + GUTTER), CAPTION + i * (side * zoom + CAPTION + GUTTER) + GUTTER
+        tile = grid[y0 : y0 + side * zoom : zoom, x0 : x0 + side * zoom : zoom]
+        expected = clean[i].clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(tile, expected)
+    assert main(["eval", "--checkpoint", str(tmp_path / "a"), "--pictures", "1", "--teacher", "none"]) == 0
+    alone = np.asarray(Image.open(tmp_path / "a" / "enhanced.png"))
+    assert alone.shape[1] == 3 * (side * zoom + GUTTER) + GUTTER  # no teacher column
+    # --baseline adds the "student alone" column; drawn from the teacher's run here, it must repeat the teacher's
+    assert main(["eval", "--checkpoint", str(tmp_path / "a"), "--pictures", "1", "--baseline", str(teacher_dir)]) == 0
+    five = np.asarray(Image.open(tmp_path / "a" / "enhanced.png").convert("RGB"))
+    cell = side * zoom + GUTTER
+    assert five.shape[1] == 5 * cell + GUTTER
+    top = CAPTION + GUTTER
+    teacher_tile = five[top : top + side * zoom, GUTTER + cell : GUTTER + cell + side * zoom]
+    alone_tile = five[top : top + side * zoom, GUTTER + 2 * cell : GUTTER + 2 * cell + side * zoom]
+    student_tile = five[top : top + side * zoom, GUTTER + 3 * cell : GUTTER + 3 * cell + side * zoom]
+    np.testing.assert_array_equal(alone_tile, teacher_tile)
+    assert not np.array_equal(student_tile, teacher_tile)

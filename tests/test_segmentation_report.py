@@ -268,7 +268,7 @@ def test_eval_pictures_from_the_cli_with_a_chosen_or_no_teacher(seg_runs: Path, 
         capsys.readouterr().out
     )
     assert main(["eval", "--checkpoint", str(seg_runs / "alone"), "--teacher", "x"]) == 2
-    assert "--teacher and --pictures-out go with --pictures N" in capsys.readouterr().err
+    assert "--teacher, --baseline and --pictures-out go with --pictures N" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # the module's four tiny training runs: about 30 s on two CPU cores

@@ -77,8 +77,9 @@ def enhancement_pictures(
     clean: Tensor,
     path: str | Path,
     zoom: int = 4,
+    baseline: nn.Module | None = None,
 ) -> Path:
-    """Write the grid of ``low`` → teacher, student → ``clean`` as a PNG (atomically).
+    """Write the grid of ``low`` → teacher, (student alone,) student → ``clean`` as a PNG (atomically).
 
     Args:
         student, teacher: enhancers ``[N, 3, H, W]`` → ``[N, 3, H, W]``, run in eval mode on the inputs' device
@@ -87,12 +88,20 @@ def enhancement_pictures(
         clean: ``[N, 3, H, W]`` ground truth in [0, 1].
         path: the ``.png`` to write.
         zoom: see :func:`enhancement_grid`.
+        baseline: the same student architecture trained alone, drawn before the (distilled) student so the two can
+            be compared; the columns are then titled "student alone" and "distilled student".
 
     Returns:
         ``path``.
     """
     columns, titles = [low], [COLUMNS[0]]
-    for name, net in (("teacher", teacher), ("student", student)):
+    nets = [("teacher", teacher)]
+    nets += (
+        [("student alone", baseline), ("distilled student", student)]
+        if baseline is not None
+        else [("student", student)]
+    )
+    for name, net in nets:
         if net is None:
             continue
         was_training = net.training
