@@ -590,7 +590,8 @@ def pictures_of(
     Segmentation: a mask grid (input, teacher, student, ground truth); detection: one PNG of boxes per image;
     enhancement: an image grid with PSNR captions; classification: the attention maps and resampled images of an
     attention-sampled (DATS) student; hashing: each query with its top 10 database images. ``baseline`` (enhancement
-    only): the student trained alone, drawn beside the distilled one. Returns the files written and a one-line description of them.
+    only): the student trained alone, drawn beside the distilled one. Returns the files written and a one-line
+    description of them.
     """
     _, _, merged = checkpoint_config(checkpoint, overrides)
     task_name = (merged.get("task") or {}).get("name", TaskConfig().name)
