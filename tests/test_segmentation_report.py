@@ -96,10 +96,21 @@ def test_report_tables_are_in_the_runs_primary_metric(seg_runs: Path, tmp_path: 
 
     report = write_report(seg_runs, tmp_path / "report", command="kdforge report runs", plots=False)
     md = report.markdown.read_text()
-    assert "| network | method | n | best mIoU | final mIoU | gain (best) over student alone |" in md
+    # The task's other summary metrics follow the primary's final column, mean ± std over the same runs.
+    header = (
+        "| network | method | n | best mIoU | final mIoU | final aAcc | final mAcc | gain (best) over student alone |"
+    )
+    assert header in md
     assert "top-1" not in md and "Best = highest test mIoU over the evaluated epochs" in md
     assert "joint scale + crop + flip of input and target" in md
-    assert f"| fcn_resnet8 | CWD | 2 | {cwd.best.format()} | {cwd.final.format()} | {cwd.gain_best.mean:+.2f} |" in md
+    others = " | ".join(
+        f"{np.mean([s[k] for s in seeds]):.2f} ± {np.std([s[k] for s in seeds], ddof=1):.2f}"
+        for k in ("final_aAcc", "final_mAcc")
+    )
+    assert (
+        f"| fcn_resnet8 | CWD | 2 | {cwd.best.format()} | {cwd.final.format()} | {others} | {cwd.gain_best.mean:+.2f} |"
+        in md
+    )
     table = list(csv.DictReader(io.StringIO(report.csv.read_text())))
     assert [r["metric"] for r in table] == ["mIoU"] * 3
     assert float(table[2]["best_mean"]) == pytest.approx(cwd.best.mean, abs=1e-4)

@@ -441,3 +441,23 @@ def test_report_ignores_keys_older_runs_lack(fake_runs):
     path.write_text(yaml.safe_dump(config))
     rows = {r.label: r for r in build_groups(scan_runs(fake_runs))[1].rows}
     assert rows["KD (method.temperature=4.0)"].best.n == 3
+
+
+def test_budget_names_a_teachers_own_share_of_the_training_set(tmp_path) -> None:
+    root = tmp_path / "runs"
+    t = _fake_run(
+        root, "t", model="resnet20", method={"name": "vanilla"}, best=60, final=60, dataset="cifar10", epochs=20
+    )
+    _fake_run(root, "v", model="resnet8", method={"name": "vanilla"}, best=50, final=50, dataset="cifar10", epochs=5)
+    kd = {"name": "kd", "temperature": 4.0}
+    _fake_run(
+        root, "kd", model="resnet8", method=kd, best=55, final=54, dataset="cifar10", epochs=5, teacher="resnet20",
+        teacher_dir=t,
+    )  # fmt: skip
+    same = write_report(root, tmp_path / "same", command="kdforge report runs", plots=False).markdown.read_text()
+    assert "the full training set, the full test set; teacher 20 epochs; each student run 5 epochs" in same
+    config = yaml.safe_load((t / "config.yaml").read_text())
+    config["data"]["train_subset"] = 4000
+    (t / "config.yaml").write_text(yaml.safe_dump(config))
+    other = write_report(root, tmp_path / "other", command="kdforge report runs", plots=False).markdown.read_text()
+    assert "teacher 20 epochs on 4,000 training images; each student run 5 epochs" in other

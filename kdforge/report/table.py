@@ -211,8 +211,9 @@ class Stat:
     def of(cls, values: Sequence[float]) -> Stat:
         return cls(statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
 
-    def format(self) -> str:
-        return f"{self.mean:.2f}" if self.std is None else f"{self.mean:.2f} ± {self.std:.2f}"
+    def format(self, digits: int = 2) -> str:
+        """``mean ± std`` with ``digits`` decimals (``mean`` alone for one run)."""
+        return f"{self.mean:.{digits}f}" if self.std is None else f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
 
 
 @dataclass
@@ -231,6 +232,8 @@ class Row:
     gain_final: float | None = None
     published: Published | None = None
     extras: dict[str, Stat] = field(default_factory=dict)
+    #: final values of the task's other summary metrics (enhancement: ``ssim``), beside the primary's
+    secondary: dict[str, Stat] = field(default_factory=dict)
 
 
 @dataclass
@@ -280,6 +283,16 @@ def _row(role: str, method: str, label: str, runs: list[RunRecord], key: tuple[s
         for name, value in r.summary.items():
             if name.startswith("final_") and name.endswith(suffix) and name != f"final{suffix}":
                 extras.setdefault(name.removeprefix("final_").removesuffix(suffix), []).append(float(value))
+    # A dense task's other summary metrics (``final_<m>``, e.g. SSIM beside PSNR) get columns of their own;
+    # classification tables keep their fixed columns (top-1 only).
+    secondary: dict[str, list[float]] = {}
+    if primary != "top1":
+        for r in runs:
+            for name, value in r.summary.items():
+                metric = name.removeprefix("final_")
+                numeric = isinstance(value, int | float) and not isinstance(value, bool)
+                if name.startswith("final_") and metric != primary and not name.endswith(suffix) and numeric:
+                    secondary.setdefault(metric, []).append(float(value))
     # Published numbers are classification top-1 (BENCHMARKS.md); another metric is never compared with them.
     published = (
         lookup(dataset, teacher, student, "teacher" if role == "teacher" else method, runs[0].epochs)
@@ -297,6 +310,7 @@ def _row(role: str, method: str, label: str, runs: list[RunRecord], key: tuple[s
         time_s=statistics.mean(times) if times else None,
         published=published,
         extras={k: Stat.of(v) for k, v in extras.items() if len(v) == len(runs)},
+        secondary={k: Stat.of(v) for k, v in secondary.items() if len(v) == len(runs)},
     )
 
 
@@ -427,9 +441,19 @@ def columns(primary: str = "top1") -> list[str]:
     return [c.replace("top-1", metric) if c in ("best top-1", "final top-1") else c for c in COLUMNS]
 
 
+def secondary_metrics(group: Group) -> list[str]:
+    """The other summary metrics every row of ``group`` has (in the first row's order)."""
+    if not group.rows:
+        return []
+    return [m for m in group.rows[0].secondary if all(m in row.secondary for row in group.rows)]
+
+
 def markdown_table(group: Group) -> str:
-    """The group's rows as a Markdown table."""
+    """The group's rows as a Markdown table (a dense task's other metrics in columns after the primary's)."""
     header = columns(group.primary)
+    others = secondary_metrics(group)
+    at = header.index(f"final {group.metric}") + 1
+    header = header[:at] + [f"final {m}" for m in others] + header[at:]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in group.rows:
         gain = f"{row.gain_best.mean:+.2f}" if row.gain_best is not None else ""
@@ -440,6 +464,8 @@ def markdown_table(group: Group) -> str:
             str(row.best.n),
             row.best.format(),
             row.final.format(),
+            # a metric in [0, 1] (SSIM) needs more than two decimals to show its differences
+            *(row.secondary[m].format(4 if abs(row.secondary[m].mean) < 1 else 2) for m in others),
             gain,
             minutes,
             _published_cell(row),
@@ -492,6 +518,15 @@ def describe_dates(records: Iterable[RunRecord]) -> str:
     return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
 
 
+#: what each task's training augmentation does (docs/tasks/<task>.md has the details)
+AUGMENTATION = {
+    "classification": "random crop + flip",
+    "segmentation": "joint scale + crop + flip of input and target",
+    "detection": "joint scale + crop + flip of image and boxes",
+    "enhancement": "joint random crop + flip of input and target",
+}
+
+
 def describe_budget(group: Group) -> str:
     """Training budget of the group's runs, from their configs (the student runs' settings)."""
     students = [r for row in group.rows if row.role != "teacher" for r in row.runs]
@@ -506,7 +541,12 @@ def describe_budget(group: Group) -> str:
     teacher_epochs = sorted({r.epochs for r in teachers if r.epochs})
     parts = [f"{train_n}, {test_n}"]
     if teacher_epochs:
-        parts.append(f"teacher {'/'.join(map(str, teacher_epochs))} epochs")
+        teacher_n = {r.config.get("data", {}).get("train_subset") for r in teachers}
+        on = ""
+        if teacher_n != {data.get("train_subset")}:  # the teacher trained on another share of the training set
+            on = " on " + "/".join(f"{n:,}" if n else "the full training set" for n in sorted(teacher_n, key=str))
+            on += " training images" if None not in teacher_n else ""
+        parts.append(f"teacher {'/'.join(map(str, teacher_epochs))} epochs{on}")
     parts.append(f"each student run {'/'.join(map(str, epochs))} epochs")
     nesterov = " nesterov" if optim.get("nesterov") else ""
     opt = f"batch {data.get('batch_size')}, {optim.get('name', 'sgd').upper()}{nesterov} lr {optim.get('lr')}"
@@ -515,9 +555,8 @@ def describe_budget(group: Group) -> str:
     if sched.get("warmup_epochs"):
         schedule += f" with {sched['warmup_epochs']} epoch(s) of warm-up"
     parts.append(schedule)
-    # Classification crops and flips images; a dense task transforms image and targets jointly (segmentation: scale,
-    # crop and flip of image and mask).
-    augmentation = "random crop + flip" if group.primary == "top1" else "joint scale + crop + flip of input and target"
+    task = str(students[0].summary.get("task", "classification"))
+    augmentation = AUGMENTATION.get(task, f"the {task} task's joint augmentation of input and target")
     parts.append(augmentation if data.get("augment", True) else "no augmentation")
     return "; ".join(parts) + "."
 
