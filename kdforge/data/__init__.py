@@ -398,4 +398,5 @@ __all__ = ["Batch", "DataBundle", "balanced_subset", "build_data", "list_dataset
 # Datasets of the other tasks register themselves when their modules are imported (after DataBundle exists).
 from kdforge.data import detection as _detection  # noqa: E402, F401
 from kdforge.data import lowlight as _lowlight  # noqa: E402, F401
+from kdforge.data import oriented as _oriented  # noqa: E402, F401
 from kdforge.data import segmentation as _segmentation  # noqa: E402, F401

@@ -5,7 +5,7 @@ it declares and the loop evaluates whatever metric the task names (DESIGN.md §2
 every task in ``kdforge.registry.TASKS``.
 """
 
-from kdforge.tasks import classification, detection, enhancement, segmentation
+from kdforge.tasks import classification, detection, enhancement, oriented, segmentation
 from kdforge.tasks.base import Evaluator, LocalReducer, Reducer, Task
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "classification",
     "detection",
     "enhancement",
+    "oriented",
     "segmentation",
 ]
