@@ -234,7 +234,7 @@ def _eval_command(args: argparse.Namespace) -> int:
         # The task's metrics in its evaluator's order; per-class entries ("IoU.cat") stay in --json.
         head = ["checkpoint", "model", "dataset", "params"]
         print(format_table([result], head + [k for k in result if k not in head and "." not in k]))
-    if args.pictures is not None and result.get("AP") is not None:  # a detection run: boxes over test images
+    if args.pictures is not None and (result.get("AP") is not None or result.get("mAP50") is not None):  # boxes
         from kdforge.api import detection_pictures_of
 
         paths = detection_pictures_of(args.checkpoint, args.pictures, out=args.pictures_out, overrides=overrides)
