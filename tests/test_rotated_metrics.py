@@ -298,7 +298,9 @@ def test_two_rank_reduction_is_exact(with_ids):
         for i, (preds, targets) in enumerate(batches):
             ranks[int(i >= half)].update(preds, targets)
     rec = _Recorder()
-    assert ranks[1].compute(rec) == {}
+    # rank 1 contributes zeros to the final sum of rank 0's scores (a real sum then gives it rank 0's numbers:
+    # tests/test_distributed.py checks every rank reads the same metrics)
+    assert set(ranks[1].compute(rec).values()) == {0.0}
     assert ranks[0].compute(_Rank0(rec)) == expected
     assert math.isfinite(expected["mAP50"]) and expected["mAP50"] > 0
 
