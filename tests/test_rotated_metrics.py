@@ -43,7 +43,7 @@ def test_tp_fp_tp_curve_has_known_ap():
     # recall .5 .5 1, precision 1 .5 2/3: all-point = .5·1 + .5·2/3; 11-point = (6·1 + 5·2/3) / 11
     assert out["mAP50"] == pytest.approx(0.5 + 0.5 * 2 / 3, abs=1e-12)
     assert out["mAP50_07"] == pytest.approx((6 + 5 * 2 / 3) / 11, abs=1e-12)
-    assert out["AP50/0"] == out["mAP50"]
+    assert out["AP50.0"] == out["mAP50"]
     assert out["mAP50:95"] == pytest.approx(out["mAP50"], abs=1e-12)  # the matches are exact at every threshold
 
 
@@ -78,8 +78,8 @@ def test_wrong_class_is_fp_and_classes_without_gt_are_left_out():
     ev = OrientedEvaluator(num_classes=3, class_names=["plane", "ship", "car"])
     ev.update(_preds([G1, G2], [0.9, 0.8], [1, 0]), _targets([G1, G2], [0, 0]))
     out = ev.compute()
-    assert out["AP50/plane"] == pytest.approx(0.5)  # G2 found, G1 only by a "ship" detection
-    assert "AP50/ship" not in out and "AP50/car" not in out  # no ground truth: not averaged
+    assert out["AP50.plane"] == pytest.approx(0.5)  # G2 found, G1 only by a "ship" detection
+    assert "AP50.ship" not in out and "AP50.car" not in out  # no ground truth: not averaged
     assert out["mAP50"] == pytest.approx(0.5)
 
 

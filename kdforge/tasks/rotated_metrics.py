@@ -221,7 +221,8 @@ class OrientedEvaluator(Evaluator):
 
     Metrics (fractions in ``[0, 1]``): ``mAP50_07`` (DOTA's official VOC07 11-point mAP at IoU 0.5, the primary),
     ``mAP50`` and ``mAP75`` (all-point), ``mAP50:95`` (all-point, mean over 0.50:0.05:0.95), and per class
-    ``AP50_07/<name>`` and ``AP50/<name>`` for the classes with ground truth.
+    ``AP50_07.<name>`` and ``AP50.<name>`` for the classes with ground truth (dotted like segmentation's
+    ``IoU.<name>``: ``kdforge eval`` keeps per-class entries out of its table, in ``--json`` only).
     """
 
     primary: ClassVar[str] = "mAP50_07"
@@ -317,18 +318,18 @@ class OrientedEvaluator(Evaluator):
         if local is not None:
             values[: len(SUMMARY_KEYS)] = torch.tensor([local[k] for k in SUMMARY_KEYS], dtype=torch.float64)
             for cls, name in enumerate(self.class_names):
-                if f"AP50/{name}" in local:
+                if f"AP50.{name}" in local:
                     at = len(SUMMARY_KEYS) + 3 * cls
                     values[at : at + 3] = torch.tensor(
-                        [1.0, local[f"AP50_07/{name}"], local[f"AP50/{name}"]], dtype=torch.float64
+                        [1.0, local[f"AP50_07.{name}"], local[f"AP50.{name}"]], dtype=torch.float64
                     )
         values = reducer.sum(values.to(device)).cpu().tolist()
         out = dict(zip(SUMMARY_KEYS, values[: len(SUMMARY_KEYS)], strict=True))
         for cls, name in enumerate(self.class_names):
             has_gt, ap07, ap = values[len(SUMMARY_KEYS) + 3 * cls : len(SUMMARY_KEYS) + 3 * cls + 3]
             if has_gt > 0.5:
-                out[f"AP50_07/{name}"] = ap07
-                out[f"AP50/{name}"] = ap
+                out[f"AP50_07.{name}"] = ap07
+                out[f"AP50.{name}"] = ap
         return out
 
     def _score(self, parts: list[dict[str, Tensor]], npos: Tensor) -> dict[str, float]:
@@ -359,8 +360,8 @@ class OrientedEvaluator(Evaluator):
             out.update({"mAP50_07": 0.0, "mAP50": 0.0, "mAP75": 0.0, "mAP50:95": 0.0})
         for cls in range(self.num_classes):
             if valid[cls]:
-                out[f"AP50_07/{self.class_names[cls]}"] = float(ap07[cls, 0])
-                out[f"AP50/{self.class_names[cls]}"] = float(ap[cls, 0])
+                out[f"AP50_07.{self.class_names[cls]}"] = float(ap07[cls, 0])
+                out[f"AP50.{self.class_names[cls]}"] = float(ap[cls, 0])
         return out
 
 
