@@ -587,7 +587,8 @@ def pictures_of(
 ) -> tuple[list[Path], str]:
     """``kdforge eval --pictures``: the pictures of a checkpoint's task on its first ``count`` test images.
 
-    Segmentation: a mask grid (input, teacher, student, ground truth); detection: one PNG of boxes per image;
+    Segmentation: a mask grid (input, teacher, student, ground truth); detection (axis-aligned or oriented): one PNG
+    of boxes per image;
     enhancement: an image grid with PSNR captions; classification: the attention maps and resampled images of an
     attention-sampled (DATS) student; hashing: each query with its top 10 database images. ``baseline`` (enhancement
     only): the student trained alone, drawn beside the distilled one. Returns the files written and a one-line
@@ -597,7 +598,7 @@ def pictures_of(
     task_name = (merged.get("task") or {}).get("name", TaskConfig().name)
     if baseline is not None and task_name != "enhancement":
         raise ConfigError(f"--baseline is drawn in enhancement pictures only; this is a {task_name} run")
-    if task_name == "detection":
+    if task_name in ("detection", "oriented_detection"):
         if teacher is not None:
             raise ConfigError("--teacher is not drawn in detection pictures (one PNG per image of the student's boxes)")
         paths = detection_pictures_of(checkpoint, count, out=out, overrides=overrides)

@@ -252,7 +252,17 @@ def _quiet() -> Iterator[None]:
                 lg.setLevel(level)
 
 
-def _check(fmt: str, reference: torch.Tensor, got: torch.Tensor | None, atol: float, note: str = "") -> dict[str, Any]:
+def _flat(outputs: Any) -> torch.Tensor:
+    """One ``[B, K]`` tensor of a network's outputs: a tensor as it is, nested tuples/lists of per-level maps (a
+    detector's heads) flattened per sample and concatenated in order, so an export is compared output by output."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    return torch.cat([_flat(o).flatten(1) for o in outputs], dim=1)
+
+
+def _check(fmt: str, reference: Any, got: Any, atol: float, note: str = "") -> dict[str, Any]:
+    reference = _flat(reference)
+    got = None if got is None else _flat(got)
     if got is None:
         return {"format": fmt, "status": "skipped", "max_abs_diff": None, "atol": atol, "note": note}
     if tuple(got.shape) != tuple(reference.shape):
@@ -316,8 +326,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, target: Path, atol: flo
             session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
             name = session.get_inputs()[0].name
             other = torch.cat([example, example[:1]])  # the batch axis is dynamic: check another batch size too
-            _check("onnx", model(other), torch.from_numpy(session.run(None, {name: other.numpy()})[0]), atol)
-            got = torch.from_numpy(session.run(None, {name: example.numpy()})[0])
+            # every output of the graph, in order (a detector has one per head and level)
+            _check("onnx", model(other), [torch.from_numpy(a) for a in session.run(None, {name: other.numpy()})], atol)
+            got = [torch.from_numpy(a) for a in session.run(None, {name: example.numpy()})]
             check = _check("onnx", reference, got, atol, "onnxruntime CPU")
     return check
 

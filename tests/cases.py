@@ -101,6 +101,29 @@ def _hashing_task() -> Task:
     return TASKS.get("hashing")(bits=16)
 
 
+def _oriented_batch(method: Method, seed: int, n: int = 2) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    # a small, a medium and a large elongated box per image at random angles, so every FPN level gets positives
+    # (and Rotated-LD's imitation region, whose anchors are 4 strides wide, reaches the coarsest level too)
+    long = torch.tensor([12.0, 24.0, 52.0])[None, :] + torch.rand(n, 3, generator=g) * 4
+    short = long / (2.0 + 0.5 * torch.rand(n, 3, generator=g))
+    centre = 24 + torch.rand(n, 3, 2, generator=g) * 16
+    theta = (torch.rand(n, 3, generator=g) - 0.5) * torch.pi
+    rboxes = torch.cat((centre, long[..., None], short[..., None], theta[..., None]), dim=-1)
+    rboxes = torch.cat((rboxes, torch.zeros(n, 1, 5)), dim=1)
+    labels = torch.randint(0, NUM_CLASSES, (n, 4), generator=g)
+    labels[:, -1] = -1  # a padding row
+    targets = {"rboxes": rboxes, "labels": labels, "image_id": torch.arange(n) + n * seed}
+    x = torch.randn(n, 3, 64, 64, generator=g)
+    return Batch(
+        x, torch.zeros(n, dtype=torch.int64), (torch.arange(n) + n * seed) % CONTEXT["num_train"], targets=targets
+    )
+
+
+def _oriented_task() -> Task:
+    return TASKS.get("oriented_detection")(num_classes=NUM_CLASSES, reg_max=8, angle_bins=8)
+
+
 def _detection_task() -> Task:
     return TASKS.get("detection")(num_classes=NUM_CLASSES)
 
@@ -139,6 +162,12 @@ TASK_CASES: dict[str, TaskCase] = {
         student=_seeded(lambda: _hashing_task().build_model("hash_resnet8")),
         teacher=_seeded(lambda: _hashing_task().build_model("hash_resnet14", hidden=32)),
         batch=_hashing_batch,
+    ),
+    "oriented_detection": TaskCase(
+        task=_oriented_task,
+        student=_seeded(lambda: _oriented_task().build_model("ogfl_resnet8")),
+        teacher=_seeded(lambda: _oriented_task().build_model("ogfl_resnet20")),
+        batch=_oriented_batch,
     ),
 }
 

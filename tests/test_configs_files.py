@@ -190,8 +190,11 @@ def test_smoke_config_learns(path, smoke_teachers, tmp_path):
         # Two epochs on 256 canvases train a detector's regression, not yet its scores: AP is still ~0 there (the
         # vanilla smoke teacher measured AP50 0.0 after 2 epochs on 2026-11-28), so the check is that the whole
         # pipeline (assignment, NMS, COCO AP) ran and gave a valid fraction, beside the falling loss above.
-        assert task == "detection", f"add the chance level of task {task} to this test"
-        assert all(0.0 <= h["test_AP50"] <= 1.0 for h in result.history), [h["test_AP50"] for h in result.history]
+        # The oriented smoke runs likewise (mAP50 0.0 after 2 epochs on 128 canvases, measured 2026-11-28): the
+        # rotated pipeline (ATSS on envelopes, rotated NMS, DOTA-style mAP) ran and gave a valid fraction.
+        assert task in ("detection", "oriented_detection"), f"add the chance level of task {task} to this test"
+        key = "test_AP50" if task == "detection" else "test_mAP50"
+        assert all(0.0 <= h[key] <= 1.0 for h in result.history), [h[key] for h in result.history]
     assert (out / "student.pt").is_file() or (out / "model.pt").is_file()
 
 

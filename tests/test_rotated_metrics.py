@@ -43,7 +43,7 @@ def test_tp_fp_tp_curve_has_known_ap():
     # recall .5 .5 1, precision 1 .5 2/3: all-point = .5·1 + .5·2/3; 11-point = (6·1 + 5·2/3) / 11
     assert out["mAP50"] == pytest.approx(0.5 + 0.5 * 2 / 3, abs=1e-12)
     assert out["mAP50_07"] == pytest.approx((6 + 5 * 2 / 3) / 11, abs=1e-12)
-    assert out["AP50/0"] == out["mAP50"]
+    assert out["AP50.0"] == out["mAP50"]
     assert out["mAP50:95"] == pytest.approx(out["mAP50"], abs=1e-12)  # the matches are exact at every threshold
 
 
@@ -78,8 +78,8 @@ def test_wrong_class_is_fp_and_classes_without_gt_are_left_out():
     ev = OrientedEvaluator(num_classes=3, class_names=["plane", "ship", "car"])
     ev.update(_preds([G1, G2], [0.9, 0.8], [1, 0]), _targets([G1, G2], [0, 0]))
     out = ev.compute()
-    assert out["AP50/plane"] == pytest.approx(0.5)  # G2 found, G1 only by a "ship" detection
-    assert "AP50/ship" not in out and "AP50/car" not in out  # no ground truth: not averaged
+    assert out["AP50.plane"] == pytest.approx(0.5)  # G2 found, G1 only by a "ship" detection
+    assert "AP50.ship" not in out and "AP50.car" not in out  # no ground truth: not averaged
     assert out["mAP50"] == pytest.approx(0.5)
 
 
@@ -298,7 +298,9 @@ def test_two_rank_reduction_is_exact(with_ids):
         for i, (preds, targets) in enumerate(batches):
             ranks[int(i >= half)].update(preds, targets)
     rec = _Recorder()
-    assert ranks[1].compute(rec) == {}
+    # rank 1 contributes zeros to the final sum of rank 0's scores (a real sum then gives it rank 0's numbers:
+    # tests/test_distributed.py checks every rank reads the same metrics)
+    assert set(ranks[1].compute(rec).values()) == {0.0}
     assert ranks[0].compute(_Rank0(rec)) == expected
     assert math.isfinite(expected["mAP50"]) and expected["mAP50"] > 0
 

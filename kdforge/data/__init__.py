@@ -399,4 +399,5 @@ __all__ = ["Batch", "DataBundle", "balanced_subset", "build_data", "list_dataset
 from kdforge.data import detection as _detection  # noqa: E402, F401
 from kdforge.data import hashing as _hashing  # noqa: E402, F401
 from kdforge.data import lowlight as _lowlight  # noqa: E402, F401
+from kdforge.data import oriented as _oriented  # noqa: E402, F401
 from kdforge.data import segmentation as _segmentation  # noqa: E402, F401

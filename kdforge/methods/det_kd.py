@@ -20,7 +20,9 @@ class DetKD(Method):
     ``quality_focal_loss_tensor_target`` (``mmdet/models/losses/gfocal_loss.py``, v3.2.0), the classification KD
     the LD paper's extension (Zheng et al., TPAMI 2023, "Localization Distillation for Object Detection") pairs with
     LD on GFL students. Normalised like the task's QFL: summed over points and classes, divided by the number of
-    ATSS positives (at least 1). The loss function is :func:`kdforge.losses.detection.class_kd_loss`.
+    ATSS positives (at least 1). The loss function is :func:`kdforge.losses.detection.class_kd_loss`. On the
+    ``oriented_detection`` task (the class-KD baseline of the oriented results table) it runs unchanged: that task's
+    ``flatten`` and ``assign`` give the same class logits and positives.
 
     Args:
         student: the GFL student.
@@ -33,7 +35,7 @@ class DetKD(Method):
     family = "dense"
     paper = "Zheng et al., Localization Distillation for Object Detection (TPAMI 2023), class-score KD with QFL"
     summary = "teacher sigmoid class scores as soft QFL targets on every point"
-    tasks = ("detection",)
+    tasks = ("detection", "oriented_detection")
     standard_pairs = False
 
     def __init__(

@@ -5,7 +5,7 @@ it declares and the loop evaluates whatever metric the task names (DESIGN.md §2
 every task in ``kdforge.registry.TASKS``.
 """
 
-from kdforge.tasks import classification, detection, enhancement, hashing, segmentation
+from kdforge.tasks import classification, detection, enhancement, hashing, oriented, segmentation
 from kdforge.tasks.base import Evaluator, LocalReducer, Reducer, Task
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "detection",
     "enhancement",
     "hashing",
+    "oriented",
     "segmentation",
 ]

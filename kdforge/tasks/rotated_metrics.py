@@ -33,6 +33,9 @@ from kdforge.tasks.base import Evaluator, LocalReducer, Reducer
 #: IoU thresholds of mAP50:95 (index 0 is 0.5, index 5 is 0.75)
 IOU_THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 
+#: the summary metrics of :class:`OrientedEvaluator`, in a fixed order (for the cross-rank sum)
+SUMMARY_KEYS: tuple[str, ...] = ("mAP50_07", "mAP50", "mAP75", "mAP50:95")
+
 # status codes of a matched detection
 TP, FP, IGNORED = 1, 0, -1
 
@@ -218,7 +221,8 @@ class OrientedEvaluator(Evaluator):
 
     Metrics (fractions in ``[0, 1]``): ``mAP50_07`` (DOTA's official VOC07 11-point mAP at IoU 0.5, the primary),
     ``mAP50`` and ``mAP75`` (all-point), ``mAP50:95`` (all-point, mean over 0.50:0.05:0.95), and per class
-    ``AP50_07/<name>`` and ``AP50/<name>`` for the classes with ground truth.
+    ``AP50_07.<name>`` and ``AP50.<name>`` for the classes with ground truth (dotted like segmentation's
+    ``IoU.<name>``: ``kdforge eval`` keeps per-class entries out of its table, in ``--json`` only).
     """
 
     primary: ClassVar[str] = "mAP50_07"
@@ -300,13 +304,35 @@ class OrientedEvaluator(Evaluator):
         }
 
     def compute(self, reducer: Reducer | None = None) -> dict[str, float]:
+        """The metrics of the class docstring, the same on every rank: rank 0 scores the gathered detections and
+        one sum of its values (zeros elsewhere, in a fixed layout) gives every rank the same numbers, exactly, as
+        the training loop reads the primary metric on every rank."""
         reducer = reducer or LocalReducer()
         npos = self._npos if self._npos is not None else torch.zeros(self.num_classes, dtype=torch.float64)
+        device = npos.device  # the device a collective must use (the predictions' device)
         npos = reducer.sum(npos).cpu()
         gathered = reducer.gather(self._local_state())
-        if gathered is None:
-            return {}
-        parts = list(gathered)
+        local = self._score(list(gathered), npos) if gathered is not None else None
+        # layout: the summary metrics, then per class (has ground truth, AP50_07, AP50)
+        values = torch.zeros(len(SUMMARY_KEYS) + 3 * self.num_classes, dtype=torch.float64)
+        if local is not None:
+            values[: len(SUMMARY_KEYS)] = torch.tensor([local[k] for k in SUMMARY_KEYS], dtype=torch.float64)
+            for cls, name in enumerate(self.class_names):
+                if f"AP50.{name}" in local:
+                    at = len(SUMMARY_KEYS) + 3 * cls
+                    values[at : at + 3] = torch.tensor(
+                        [1.0, local[f"AP50_07.{name}"], local[f"AP50.{name}"]], dtype=torch.float64
+                    )
+        values = reducer.sum(values.to(device)).cpu().tolist()
+        out = dict(zip(SUMMARY_KEYS, values[: len(SUMMARY_KEYS)], strict=True))
+        for cls, name in enumerate(self.class_names):
+            has_gt, ap07, ap = values[len(SUMMARY_KEYS) + 3 * cls : len(SUMMARY_KEYS) + 3 * cls + 3]
+            if has_gt > 0.5:
+                out[f"AP50_07.{name}"] = ap07
+                out[f"AP50.{name}"] = ap
+        return out
+
+    def _score(self, parts: list[dict[str, Tensor]], npos: Tensor) -> dict[str, float]:
         if not self._with_ids:
             # arrival order rank by rank: offset each rank's image counters past the previous ranks' images
             offset = 0
@@ -334,9 +360,17 @@ class OrientedEvaluator(Evaluator):
             out.update({"mAP50_07": 0.0, "mAP50": 0.0, "mAP75": 0.0, "mAP50:95": 0.0})
         for cls in range(self.num_classes):
             if valid[cls]:
-                out[f"AP50_07/{self.class_names[cls]}"] = float(ap07[cls, 0])
-                out[f"AP50/{self.class_names[cls]}"] = float(ap[cls, 0])
+                out[f"AP50_07.{self.class_names[cls]}"] = float(ap07[cls, 0])
+                out[f"AP50.{self.class_names[cls]}"] = float(ap[cls, 0])
         return out
 
 
-__all__ = ["IOU_THRESHOLDS", "OrientedEvaluator", "dota_map", "match_detections", "score_rank", "voc_ap"]
+__all__ = [
+    "IOU_THRESHOLDS",
+    "SUMMARY_KEYS",
+    "OrientedEvaluator",
+    "dota_map",
+    "match_detections",
+    "score_rank",
+    "voc_ap",
+]
