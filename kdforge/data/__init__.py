@@ -29,6 +29,32 @@ from kdforge.registry import DATASETS
 EMBEDDED_ASSET = "cifar10_subset.npz"
 
 
+@dataclass(frozen=True)
+class DataRequest:
+    """What :func:`build_data` hands the builder of a task dataset (``kind="task"``): the run's data keys, resolved.
+
+    One object instead of a dozen keyword arguments, so a new key reaches every task dataset without touching each
+    builder's signature. The fields mean what :func:`build_data`'s arguments of the same names mean.
+    """
+
+    root: str | None
+    download: bool
+    batch_size: int
+    eval_batch_size: int
+    image_size: int | None
+    augment: bool
+    train_subset: int | None
+    test_subset: int | None
+    device: torch.device
+    seed: int
+    rank: int
+    world_size: int
+
+    def shard(self) -> dict[str, Any]:
+        """``device``, ``rank`` and ``world_size`` as keyword arguments of a loader."""
+        return {"device": self.device, "rank": self.rank, "world_size": self.world_size}
+
+
 @dataclass
 class DataBundle:
     """Train and test loaders plus what models and methods need to know about the data.
@@ -322,20 +348,11 @@ def build_data(
         )
     if DATASETS.meta(name).get("kind") == "task":
         # A dataset of another task builds its own loaders (targets, joint augmentation) from the same keys.
-        bundle = builder(
-            root=root,
-            download=download,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            image_size=image_size,
-            augment=augment,
-            train_subset=train_subset,
-            test_subset=test_subset,
-            device=device,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-        )
+        request = DataRequest(
+            root, download, batch_size, eval_batch_size, image_size, augment, train_subset, test_subset, device, seed,
+            rank, world_size,
+        )  # fmt: skip
+        bundle = builder(request)
         if len(bundle.train) == 0:
             raise DataError(
                 f"{bundle.num_train} training samples give no full batch of {batch_size} per rank; lower "
@@ -392,7 +409,7 @@ def list_datasets() -> list[str]:
     return DATASETS.names()
 
 
-__all__ = ["Batch", "DataBundle", "balanced_subset", "build_data", "list_datasets"]
+__all__ = ["Batch", "DataBundle", "DataRequest", "balanced_subset", "build_data", "list_datasets"]
 
 
 # Datasets of the other tasks register themselves when their modules are imported (after DataBundle exists).

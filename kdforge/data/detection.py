@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from kdforge.data import DataBundle, cifar10_source
+from kdforge.data import DataBundle, DataRequest, cifar10_source
 from kdforge.data.augment import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from kdforge.data.dense_loader import DenseTensorLoader, JointAugment
 from kdforge.data.synth.detection import augment_detection, make_detection_splits
@@ -302,35 +302,21 @@ def _subset(images: Tensor, targets: dict[str, Tensor], count: int | None) -> tu
     "cifar10_det", kind="task", task="detection", num_classes=10, image_size=96,
     description="no download: 1-4 CIFAR-10 objects (16-48 px) pasted on 96x96 canvases, boxes and 10 classes",
 )  # fmt: skip
-def _cifar10_det(
-    *,
-    root: str | None,
-    download: bool,
-    batch_size: int,
-    eval_batch_size: int,
-    image_size: int | None,
-    augment: bool,
-    train_subset: int | None,
-    test_subset: int | None,
-    device: torch.device,
-    seed: int,
-    rank: int,
-    world_size: int,
-) -> DataBundle:
+def _cifar10_det(req: DataRequest) -> DataBundle:
     """Canvases (:func:`kdforge.data.synth.detection.make_detection_splits`, dataset seed 0, the same for every
     run) from the embedded CIFAR-10 subset (``data.root`` unset) or the full set (``data.root`` = the JPEG ``.npz``
     or the archive folder). ``data.train_subset``/``test_subset`` are the canvas counts (default 5,000 / 1,000),
     ``data.image_size`` the canvas side (a multiple of 16, default 96). Targets: ``boxes``, ``labels`` (padded to 4
     rows) and ``image_ids``; training batches get the joint flip + scale jitter (:func:`detection_augment`)."""
-    size = image_size or 96
+    size = req.image_size or 96
     if size % 16 != 0:
         raise DataError(
             f"cifar10_det needs data.image_size a multiple of 16 (the detectors' largest stride), got {size}"
         )
-    src = cifar10_source(root, download)
+    src = cifar10_source(req.root, req.download)
     train, test = make_detection_splits(
         src.train_images, src.train_labels, src.test_images, src.test_labels,
-        num_train=train_subset or 5000, num_test=test_subset or 1000, seed=0, canvas_size=size,
+        num_train=req.train_subset or 5000, num_test=req.test_subset or 1000, seed=0, canvas_size=size,
     )  # fmt: skip
 
     def targets(c) -> dict[str, Tensor]:
@@ -340,13 +326,13 @@ def _cifar10_det(
             "image_ids": torch.arange(len(c.images)),
         }
 
-    common = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD, "device": device, "rank": rank, "world_size": world_size}
+    common = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD, **req.shard()}
     train_loader = DenseTensorLoader(
-        torch.from_numpy(train.images), targets(train), batch_size, train=True, seed=seed,
-        augment=detection_augment() if augment else None, **common,
+        torch.from_numpy(train.images), targets(train), req.batch_size, train=True, seed=req.seed,
+        augment=detection_augment() if req.augment else None, **common,
     )  # fmt: skip
     test_loader = DenseTensorLoader(
-        torch.from_numpy(test.images), targets(test), eval_batch_size, train=False, **common
+        torch.from_numpy(test.images), targets(test), req.eval_batch_size, train=False, **common
     )
     classes = list(getattr(src, "classes", [str(k) for k in range(10)]))
     return DataBundle(train_loader, test_loader, 10, classes, size, CIFAR10_MEAN, CIFAR10_STD, len(train.images))
@@ -357,21 +343,7 @@ def _cifar10_det(
     description="your boxes: COCO-format annotations/instances_{train,val}.json and image folders train/, val/ in "
     "data.root",
 )  # fmt: skip
-def _coco_det(
-    *,
-    root: str | None,
-    download: bool,
-    batch_size: int,
-    eval_batch_size: int,
-    image_size: int | None,
-    augment: bool,
-    train_subset: int | None,
-    test_subset: int | None,
-    device: torch.device,
-    seed: int,
-    rank: int,
-    world_size: int,
-) -> DataBundle:
+def _coco_det(req: DataRequest) -> DataBundle:
     """A COCO 2017 layout in ``data.root`` (``annotations/instances_train.json`` + ``train/``, and ``val``).
 
     Every image is letterboxed once (:func:`letterbox`: longer side to ``data.image_size``, a multiple of 16,
@@ -382,29 +354,29 @@ def _coco_det(
     coordinates (areas for APs/APm/APl are COCO's). ``data.train_subset``/``test_subset`` keep the first images by
     id. Normalised with the ImageNet statistics.
     """
-    if root is None:
+    if req.root is None:
         raise DataError("dataset 'coco_det' needs data.root: a folder with annotations/instances_train.json, "
                         "annotations/instances_val.json and the image folders train/ and val/")  # fmt: skip
-    size = image_size or 320
+    size = req.image_size or 320
     if size % 16 != 0:
         raise DataError(f"coco_det needs data.image_size a multiple of 16 (the detectors' largest stride), got {size}")
-    train_set = CocoDetection.from_root(root, "train")
-    test_set = CocoDetection.from_root(root, "val")
+    train_set = CocoDetection.from_root(req.root, "train")
+    test_set = CocoDetection.from_root(req.root, "val")
     if train_set.category_ids != test_set.category_ids:
         raise DataError(
-            f"{root}: train and val annotation files list different categories ({train_set.category_ids[:10]} vs "
+            f"{req.root}: train and val annotation files list different categories ({train_set.category_ids[:10]} vs "
             f"{test_set.category_ids[:10]}); both splits need the same categories"
         )
-    train_images, train_t = _subset(*letterbox_split(train_set, size), train_subset)
-    test_images, test_t = _subset(*letterbox_split(test_set, size), test_subset)
+    train_images, train_t = _subset(*letterbox_split(train_set, size), req.train_subset)
+    test_images, test_t = _subset(*letterbox_split(test_set, size), req.test_subset)
     train_t = {k: train_t[k] for k in ("boxes", "labels", "iscrowd", "image_ids")}
     test_t = {**test_t, "boxes": test_t.pop("orig_boxes")}
-    common = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "device": device, "rank": rank, "world_size": world_size}
+    common = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, **req.shard()}
     train_loader = DenseTensorLoader(
-        train_images, train_t, batch_size, train=True, seed=seed,
-        augment=detection_augment() if augment else None, **common,
+        train_images, train_t, req.batch_size, train=True, seed=req.seed,
+        augment=detection_augment() if req.augment else None, **common,
     )  # fmt: skip
-    test_loader = DenseTensorLoader(test_images, test_t, eval_batch_size, train=False, **common)
+    test_loader = DenseTensorLoader(test_images, test_t, req.eval_batch_size, train=False, **common)
     return DataBundle(
         train_loader, test_loader, len(train_set.classes), train_set.classes, size, IMAGENET_MEAN, IMAGENET_STD,
         len(train_images),

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from kdforge.data import DataBundle, balanced_subset, cifar10_source
+from kdforge.data import DataBundle, DataRequest, balanced_subset, cifar10_source
 from kdforge.data.augment import IMAGENET_MEAN, IMAGENET_STD, hflip_where
 from kdforge.data.batch import Batch
 from kdforge.data.loader import train_shard
@@ -559,37 +559,23 @@ def _cifar_pool(root: str | None, download: bool, train_subset: int | None) -> t
     "cifar10_hash", kind="task", task="hashing", num_classes=10, image_size=32,
     description="retrieval, BRCD's protocol: 500 train imgs/class, test split 1/2 val + 1/2 queries, db = train set",
 )  # fmt: skip
-def _cifar10_hash(
-    *,
-    root: str | None,
-    download: bool,
-    batch_size: int,
-    eval_batch_size: int,
-    image_size: int | None,
-    augment: bool,
-    train_subset: int | None,
-    test_subset: int | None,
-    device: torch.device,
-    seed: int,
-    rank: int,
-    world_size: int,
-) -> DataBundle:
+def _cifar10_hash(req: DataRequest) -> DataBundle:
     """Protocol (a), :func:`brcd_cifar_split` (dataset seed 0, the same for every run): the hasher trains on 500
     training images per class, the queries are half of the test set, the database is the whole training set,
     mAP@1000 (``task.topk``), on the CIFAR-10 of ``data.root`` (the JPEG ``.npz`` or the archive folder; default:
     the embedded 10k/2k subset). ``data.train_subset`` cuts the training set (= the database) to a balanced subset,
     from which the protocol still draws up to 500 images per class; ``data.test_subset`` keeps that many queries
     (balanced). The validation half of the test set is not used (the loop keeps the best epoch by the queries' mAP)."""
-    src, train_labels, keep = _cifar_pool(root, download, train_subset)
+    src, train_labels, keep = _cifar_pool(req.root, req.download, req.train_subset)
     test_labels = np.asarray(src.test_labels)
     per_class = int(min(500, np.bincount(train_labels).min()))
     split = brcd_cifar_split(train_labels, test_labels, seed=0, train_per_class=per_class)
-    query = split.query[balanced_subset(np.concatenate([train_labels, test_labels])[split.query], test_subset)]
+    query = split.query[balanced_subset(np.concatenate([train_labels, test_labels])[split.query], req.test_subset)]
     split = HashingSplit(split.train, split.val, np.sort(query), split.database, split.topk)
     images, labels = pool_arrays(np.asarray(src.train_images)[keep], train_labels, src.test_images, test_labels)
     return _bundle(
-        images, labels, split, list(src.classes), batch_size=batch_size, eval_batch_size=eval_batch_size,
-        image_size=image_size or 32, augment=augment, device=device, seed=seed, rank=rank, world_size=world_size,
+        images, labels, split, list(src.classes), batch_size=req.batch_size, eval_batch_size=req.eval_batch_size,
+        image_size=req.image_size or 32, augment=req.augment, seed=req.seed, **req.shard(),
     )  # fmt: skip
 
 
@@ -597,36 +583,22 @@ def _cifar10_hash(
     "cifar10_hash_sup", kind="task", task="hashing", num_classes=10, image_size=32,
     description="retrieval, supervised-hashing protocol: 100 queries/class, 500 train imgs/class, db = the rest",
 )  # fmt: skip
-def _cifar10_hash_sup(
-    *,
-    root: str | None,
-    download: bool,
-    batch_size: int,
-    eval_batch_size: int,
-    image_size: int | None,
-    augment: bool,
-    train_subset: int | None,
-    test_subset: int | None,
-    device: torch.device,
-    seed: int,
-    rank: int,
-    world_size: int,
-) -> DataBundle:
+def _cifar10_hash_sup(req: DataRequest) -> DataBundle:
     """Protocol (b), :func:`supervised_cifar_split` (dataset seed 0): training and test images pooled, 100 queries
     and 500 training images per class, every non-query image in the database; set ``task.topk: null`` for its
     mAP@all. ``data.train_subset`` / ``data.test_subset`` set the training-image and query counts (split evenly
     over the classes; defaults 5,000 / 1,000)."""
-    src = cifar10_source(root, download)
+    src = cifar10_source(req.root, req.download)
     train_labels, test_labels = np.asarray(src.train_labels), np.asarray(src.test_labels)
     k = len(src.classes)
     split = supervised_cifar_split(
-        train_labels, test_labels, seed=0, query_per_class=(test_subset or 100 * k) // k,
-        train_per_class=(train_subset or 500 * k) // k,
+        train_labels, test_labels, seed=0, query_per_class=(req.test_subset or 100 * k) // k,
+        train_per_class=(req.train_subset or 500 * k) // k,
     )  # fmt: skip
     images, labels = pool_arrays(src.train_images, train_labels, src.test_images, test_labels)
     return _bundle(
-        images, labels, split, list(src.classes), batch_size=batch_size, eval_batch_size=eval_batch_size,
-        image_size=image_size or 32, augment=augment, device=device, seed=seed, rank=rank, world_size=world_size,
+        images, labels, split, list(src.classes), batch_size=req.batch_size, eval_batch_size=req.eval_batch_size,
+        image_size=req.image_size or 32, augment=req.augment, seed=req.seed, **req.shard(),
     )  # fmt: skip
 
 
@@ -649,31 +621,17 @@ def _read_list_images(lst: ImageList, root: Path, size: int) -> np.ndarray:
     "hash_list", kind="task", task="hashing", num_classes=None, image_size=224,
     description="your retrieval data: train.txt, test.txt (queries), database.txt in data.root (path + 0/1 labels)",
 )  # fmt: skip
-def _hash_list(
-    *,
-    root: str | None,
-    download: bool,
-    batch_size: int,
-    eval_batch_size: int,
-    image_size: int | None,
-    augment: bool,
-    train_subset: int | None,
-    test_subset: int | None,
-    device: torch.device,
-    seed: int,
-    rank: int,
-    world_size: int,
-) -> DataBundle:
+def _hash_list(req: DataRequest) -> DataBundle:
     """NUS-WIDE/MS-COCO-style list files (:func:`read_list_protocol`; relative image paths are read from
     ``data.root``), decoded into memory at ``data.image_size`` (default 224); relevant = shares a label; use
     ``task.topk: 5000`` (the multi-label protocols' mAP@5,000). ``data.train_subset`` / ``data.test_subset`` keep
     the first that many training images / queries."""
-    if root is None:
+    if req.root is None:
         raise DataError("dataset 'hash_list' needs data.root: a folder with train.txt, test.txt and database.txt")
-    r = Path(root)
+    r = Path(req.root)
     lists = read_list_protocol(r)
-    size = image_size or 224
-    cut = {"train": train_subset, "test": test_subset, "database": None}
+    size = req.image_size or 224
+    cut = {"train": req.train_subset, "test": req.test_subset, "database": None}
     arrays = {}
     for name, lst in lists.items():
         n = len(lst.paths) if cut[name] is None else min(cut[name], len(lst.paths))  # type: ignore[type-var]
@@ -689,9 +647,8 @@ def _hash_list(
     )  # fmt: skip
     k = labels.shape[1]
     return _bundle(
-        images, labels, split, [f"label{i}" for i in range(k)], batch_size=batch_size,
-        eval_batch_size=eval_batch_size, image_size=size, augment=augment, device=device, seed=seed, rank=rank,
-        world_size=world_size,
+        images, labels, split, [f"label{i}" for i in range(k)], batch_size=req.batch_size,
+        eval_batch_size=req.eval_batch_size, image_size=size, augment=req.augment, seed=req.seed, **req.shard(),
     )  # fmt: skip
 
 

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from kdforge.data import DataBundle, cifar10_source
+from kdforge.data import DataBundle, DataRequest, cifar10_source
 from kdforge.data.batch import Batch
 from kdforge.data.loader import mix_seed, train_shard
 from kdforge.errors import DataError
@@ -479,21 +479,7 @@ def _bundle(
     "cifar10_lowlight", kind="task", task="enhancement", num_classes=0, image_size=32,
     description="no download: CIFAR-10 images as targets, synthetic low-light inputs (Lv et al. degradation)",
 )  # fmt: skip
-def _cifar10_lowlight(
-    *,
-    root: str | None,
-    download: bool,
-    batch_size: int,
-    eval_batch_size: int,
-    image_size: int | None,
-    augment: bool,
-    train_subset: int | None,
-    test_subset: int | None,
-    device: torch.device,
-    seed: int,
-    rank: int,
-    world_size: int,
-) -> DataBundle:
+def _cifar10_lowlight(req: DataRequest) -> DataBundle:
     """CIFAR-10 images (``cifar10_source(root)``: the embedded 10k/2k subset without ``data.root``) as normal-light
     targets, their synthetic low-light versions as inputs (``kdforge.data.synth.lowlight``): the training split
     degraded with the run's seed, the test split always with ``TEST_SEED``. ``data.train_subset``/``test_subset``
@@ -502,20 +488,21 @@ def _cifar10_lowlight(
     # Imported here: the synthesis module builds on this one's pair sets.
     from kdforge.data.synth.lowlight import TEST_SEED, lowlight_pairs_from_arrays
 
-    src = cifar10_source(root, download)
+    src = cifar10_source(req.root, req.download)
     side = src.train_images.shape[-1]
-    size = image_size or side
+    size = req.image_size or side
     if size > side:
         raise DataError(f"data.image_size {size} is larger than the {side} px CIFAR images; use at most {side}")
-    n_train = len(src.train_images) if train_subset is None else min(train_subset, len(src.train_images))
-    n_test = len(src.test_images) if test_subset is None else min(test_subset, len(src.test_images))
+    n_train = len(src.train_images) if req.train_subset is None else min(req.train_subset, len(src.train_images))
+    n_test = len(src.test_images) if req.test_subset is None else min(req.test_subset, len(src.test_images))
     if n_train < 1 or n_test < 1:
-        raise DataError(f"data.train_subset and data.test_subset must be >= 1, got {train_subset}, {test_subset}")
-    train = lowlight_pairs_from_arrays(src.train_images[:n_train], seed)
+        got = f"{req.train_subset}, {req.test_subset}"
+        raise DataError(f"data.train_subset and data.test_subset must be >= 1, got {got}")
+    train = lowlight_pairs_from_arrays(src.train_images[:n_train], req.seed)
     test = lowlight_pairs_from_arrays(src.test_images[:n_test], TEST_SEED)
     return _bundle(
-        train, test, batch_size=batch_size, eval_batch_size=eval_batch_size, crop_size=None if size == side else size,
-        image_size=size, augment=augment, device=device, seed=seed, rank=rank, world_size=world_size,
+        train, test, batch_size=req.batch_size, eval_batch_size=req.eval_batch_size,
+        crop_size=None if size == side else size, image_size=size, augment=req.augment, seed=req.seed, **req.shard(),
     )  # fmt: skip
 
 
@@ -523,31 +510,17 @@ def _cifar10_lowlight(
     "lol", kind="task", task="enhancement", num_classes=0, image_size=LOL_CROP,
     description="your pairs: the LOL layout in data.root (our485/{low,high} train, eval15/{low,high} test)",
 )  # fmt: skip
-def _lol(
-    *,
-    root: str | None,
-    download: bool,
-    batch_size: int,
-    eval_batch_size: int,
-    image_size: int | None,
-    augment: bool,
-    train_subset: int | None,
-    test_subset: int | None,
-    device: torch.device,
-    seed: int,
-    rank: int,
-    world_size: int,
-) -> DataBundle:
+def _lol(req: DataRequest) -> DataBundle:
     """A LOL-layout folder (:func:`lol_split`): ``our485`` for training on random ``data.image_size`` crops (default
     128) with joint flips when ``data.augment``, ``eval15`` evaluated on whole images (same-size images batched)."""
-    if root is None:
+    if req.root is None:
         raise DataError("dataset 'lol' needs data.root: a folder with our485/{low,high} and eval15/{low,high}")
-    if download:
+    if req.download:
         raise DataError("dataset 'lol' cannot be downloaded by kdforge; unpack LOL into data.root")
-    train = _subset(lol_split(root, "train"), train_subset)
-    test = _subset(lol_split(root, "eval"), test_subset)
-    size = image_size or LOL_CROP
+    train = _subset(lol_split(req.root, "train"), req.train_subset)
+    test = _subset(lol_split(req.root, "eval"), req.test_subset)
+    size = req.image_size or LOL_CROP
     return _bundle(
-        train, test, batch_size=batch_size, eval_batch_size=eval_batch_size, crop_size=size, image_size=size,
-        augment=augment, device=device, seed=seed, rank=rank, world_size=world_size,
+        train, test, batch_size=req.batch_size, eval_batch_size=req.eval_batch_size, crop_size=size, image_size=size,
+        augment=req.augment, seed=req.seed, **req.shard(),
     )  # fmt: skip

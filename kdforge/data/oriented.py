@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kdforge.data import DataBundle, cifar10_source
+from kdforge.data import DataBundle, DataRequest, cifar10_source
 from kdforge.data.augment import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from kdforge.data.dense_loader import DenseTensorLoader, JointAugment
 from kdforge.data.detection import letterbox
@@ -42,48 +42,34 @@ def oriented_augment(rotate: bool = True) -> JointAugment:
     description="no download: 1-4 CIFAR-10 objects stretched to 2-4:1 and pasted rotated on 96x96 canvases, "
     "exact rotated boxes and 10 classes",
 )  # fmt: skip
-def _cifar10_obb(
-    *,
-    root: str | None,
-    download: bool,
-    batch_size: int,
-    eval_batch_size: int,
-    image_size: int | None,
-    augment: bool,
-    train_subset: int | None,
-    test_subset: int | None,
-    device: torch.device,
-    seed: int,
-    rank: int,
-    world_size: int,
-) -> DataBundle:
+def _cifar10_obb(req: DataRequest) -> DataBundle:
     """Canvases of :func:`kdforge.data.synth.oriented.make_oriented_synth` (dataset seed 0, the same for every run)
     from the embedded CIFAR-10 subset (``data.root`` unset) or the full set (``data.root`` = the JPEG ``.npz`` or the
     archive folder). ``data.train_subset``/``test_subset`` are the canvas counts (default 5,000 / 1,000),
     ``data.image_size`` the canvas side (a multiple of 16, default 96; the objects' long side, 28–56 px at 96, scales
     with it)."""
-    size = image_size or 96
+    size = req.image_size or 96
     if size % 16 != 0:
         raise DataError(
             f"cifar10_obb needs data.image_size a multiple of 16 (the detectors' largest stride), got {size}"
         )
-    src = cifar10_source(root, download)
+    src = cifar10_source(req.root, req.download)
     classes = list(getattr(src, "classes", [str(k) for k in range(10)]))
     synth = make_oriented_synth(
         src.train_images, src.train_labels, src.test_images, src.test_labels, classes,
-        num_train=train_subset or 5000, num_test=test_subset or 1000, seed=0, canvas=size,
+        num_train=req.train_subset or 5000, num_test=req.test_subset or 1000, seed=0, canvas=size,
         long_side=(28.0 * size / 96, 56.0 * size / 96),
     )  # fmt: skip
 
     def targets(split) -> dict[str, Tensor]:
         return {"rboxes": split.rboxes, "labels": split.labels, "image_id": torch.arange(len(split))}
 
-    common = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD, "device": device, "rank": rank, "world_size": world_size}
+    common = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD, **req.shard()}
     train_loader = DenseTensorLoader(
-        synth.train.images, targets(synth.train), batch_size, train=True, seed=seed,
-        augment=oriented_augment() if augment else None, **common,
+        synth.train.images, targets(synth.train), req.batch_size, train=True, seed=req.seed,
+        augment=oriented_augment() if req.augment else None, **common,
     )  # fmt: skip
-    test_loader = DenseTensorLoader(synth.test.images, targets(synth.test), eval_batch_size, train=False, **common)
+    test_loader = DenseTensorLoader(synth.test.images, targets(synth.test), req.eval_batch_size, train=False, **common)
     return DataBundle(train_loader, test_loader, 10, classes, size, CIFAR10_MEAN, CIFAR10_STD, len(synth.train))
 
 
@@ -130,21 +116,7 @@ def letterbox_dota(dataset: DotaDataset, size: int) -> tuple[Tensor, dict[str, T
     "dota", kind="task", task="oriented_detection", num_classes=None, image_size=512,
     description="your oriented boxes: DOTA-format folders train/ and val/ (each images/ + labelTxt/) in data.root",
 )  # fmt: skip
-def _dota(
-    *,
-    root: str | None,
-    download: bool,
-    batch_size: int,
-    eval_batch_size: int,
-    image_size: int | None,
-    augment: bool,
-    train_subset: int | None,
-    test_subset: int | None,
-    device: torch.device,
-    seed: int,
-    rank: int,
-    world_size: int,
-) -> DataBundle:
+def _dota(req: DataRequest) -> DataBundle:
     """A DOTA layout in ``data.root``: ``train/images`` + ``train/labelTxt`` and ``val/images`` + ``val/labelTxt``
     (e.g. DOTA_devkit ``ImgSplit`` 1024 × 1024 patches).
 
@@ -153,29 +125,29 @@ def _dota(
     IoU, hence the mAP, unchanged. Difficult objects are trained on and ignored by the metric (DOTA's rule).
     ``data.train_subset``/``test_subset`` keep the first images by name. Normalised with the ImageNet statistics.
     """
-    if root is None:
+    if req.root is None:
         raise DataError(
             "dataset 'dota' needs data.root: a folder with train/images, train/labelTxt, val/images and val/labelTxt"
         )
-    size = image_size or 512
+    size = req.image_size or 512
     if size % 16 != 0:
         raise DataError(f"dota needs data.image_size a multiple of 16 (the detectors' largest stride), got {size}")
-    base = Path(root)
+    base = Path(req.root)
     # the names of both splits decide the class list, then both splits are read with it
     classes = dota_classes({n for split in ("train", "val") for n in DotaDataset(base / split).classes})
     train_set, test_set = (DotaDataset(base / split, classes=classes) for split in ("train", "val"))
     train_images, train_t = letterbox_dota(train_set, size)
     test_images, test_t = letterbox_dota(test_set, size)
-    if train_subset is not None:
-        train_images, train_t = train_images[:train_subset], {k: v[:train_subset] for k, v in train_t.items()}
-    if test_subset is not None:
-        test_images, test_t = test_images[:test_subset], {k: v[:test_subset] for k, v in test_t.items()}
-    common = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "device": device, "rank": rank, "world_size": world_size}
+    if req.train_subset is not None:
+        train_images, train_t = train_images[: req.train_subset], {k: v[: req.train_subset] for k, v in train_t.items()}
+    if req.test_subset is not None:
+        test_images, test_t = test_images[: req.test_subset], {k: v[: req.test_subset] for k, v in test_t.items()}
+    common = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, **req.shard()}
     train_loader = DenseTensorLoader(
-        train_images, train_t, batch_size, train=True, seed=seed,
-        augment=oriented_augment() if augment else None, **common,
+        train_images, train_t, req.batch_size, train=True, seed=req.seed,
+        augment=oriented_augment() if req.augment else None, **common,
     )  # fmt: skip
-    test_loader = DenseTensorLoader(test_images, test_t, eval_batch_size, train=False, **common)
+    test_loader = DenseTensorLoader(test_images, test_t, req.eval_batch_size, train=False, **common)
     return DataBundle(
         train_loader, test_loader, len(classes), classes, size, IMAGENET_MEAN, IMAGENET_STD, len(train_images)
     )

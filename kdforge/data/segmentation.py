@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from kdforge.data import DataBundle, cifar10_source
+from kdforge.data import DataBundle, DataRequest, cifar10_source
 from kdforge.data.augment import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, normalize
 from kdforge.data.batch import Batch
 from kdforge.data.dense_augment import random_scale_crop_flip
@@ -269,51 +269,37 @@ def _seg_augment(ignore_index: int, scales: tuple[float, float] = TRAIN_SCALES):
     "cifar10_seg", kind="task", task="segmentation", num_classes=11, image_size=64,
     description="no download: CIFAR-10 objects pasted through random masks on 64x64 canvases (11 classes)",
 )  # fmt: skip
-def _cifar10_seg(
-    *,
-    root: str | None,
-    download: bool,
-    batch_size: int,
-    eval_batch_size: int,
-    image_size: int | None,
-    augment: bool,
-    train_subset: int | None,
-    test_subset: int | None,
-    device: torch.device,
-    seed: int,
-    rank: int,
-    world_size: int,
-) -> DataBundle:
+def _cifar10_seg(req: DataRequest) -> DataBundle:
     """Canvases from the embedded CIFAR-10 subset (``data.root`` unset) or the full set (``data.root`` = the JPEG
     ``.npz`` or the archive folder); ``data.train_subset``/``test_subset`` are the canvas counts (default 5,000 /
     1,000), ``data.image_size`` the canvas side. The canvases are the same for every run (dataset seed 0); the run's
     seed shuffles and augments them."""
-    src = cifar10_source(root, download)
-    size = image_size or 64
+    src = cifar10_source(req.root, req.download)
+    size = req.image_size or 64
     train, test = cifar_segmentation_splits(
         src.train_images,
         src.train_labels,
         src.test_images,
         src.test_labels,
-        num_train=train_subset or 5000,
-        num_test=test_subset or 1000,
+        num_train=req.train_subset or 5000,
+        num_test=req.test_subset or 1000,
         size=size,
         seed=0,
     )
-    common = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD, "device": device, "rank": rank, "world_size": world_size}
+    common = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD, **req.shard()}
     train_loader = DenseTensorLoader(
         torch.from_numpy(train.images),
         torch.from_numpy(train.masks.astype(np.int64)),
-        batch_size,
+        req.batch_size,
         train=True,
-        seed=seed,
-        augment=_seg_augment(255) if augment else None,
+        seed=req.seed,
+        augment=_seg_augment(255) if req.augment else None,
         **common,
     )
     test_loader = DenseTensorLoader(
         torch.from_numpy(test.images),
         torch.from_numpy(test.masks.astype(np.int64)),
-        eval_batch_size,
+        req.eval_batch_size,
         train=False,
         **common,
     )
@@ -395,31 +381,17 @@ class FolderSegLoader:
     "seg_folder", kind="task", task="segmentation", num_classes=None, image_size=512,
     description="your masks: a Pascal VOC or Cityscapes (trainId) layout in data.root, splits train and val",
 )  # fmt: skip
-def _seg_folder(
-    *,
-    root: str | None,
-    download: bool,
-    batch_size: int,
-    eval_batch_size: int,
-    image_size: int | None,
-    augment: bool,
-    train_subset: int | None,
-    test_subset: int | None,
-    device: torch.device,
-    seed: int,
-    rank: int,
-    world_size: int,
-) -> DataBundle:
+def _seg_folder(req: DataRequest) -> DataBundle:
     """A VOC or Cityscapes layout (detected from the folders) with ``train`` and ``val`` splits; training crops of
     ``data.image_size`` (default 512)."""
-    if root is None:
+    if req.root is None:
         raise DataError("dataset 'seg_folder' needs data.root: a Pascal VOC or Cityscapes (trainId) layout")
-    train_set = SegmentationFolder(root, "train")
-    test_set = SegmentationFolder(root, "val", layout=train_set.layout, num_classes=train_set.num_classes)
-    size = image_size or 512
-    common = {"device": device, "rank": rank, "world_size": world_size, "image_size": size}
-    train = FolderSegLoader(train_set, batch_size, train=True, seed=seed, augment=augment, **common)
-    test = FolderSegLoader(test_set, eval_batch_size, train=False, **common)
+    train_set = SegmentationFolder(req.root, "train")
+    test_set = SegmentationFolder(req.root, "val", layout=train_set.layout, num_classes=train_set.num_classes)
+    size = req.image_size or 512
+    common = {"device": req.device, "rank": req.rank, "world_size": req.world_size, "image_size": size}
+    train = FolderSegLoader(train_set, req.batch_size, train=True, seed=req.seed, augment=req.augment, **common)
+    test = FolderSegLoader(test_set, req.eval_batch_size, train=False, **common)
     return DataBundle(
         train, test, train_set.num_classes, train_set.classes, size, IMAGENET_MEAN, IMAGENET_STD, len(train_set)
     )
