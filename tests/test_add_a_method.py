@@ -60,7 +60,8 @@ train: {epochs: 2, seed: 0}
 REGISTRY_TESTS = ["tests/test_methods.py", "tests/test_checkpoint_roundtrip.py", "tests/test_configs_files.py"]
 
 
-@pytest.mark.slow
+# heavy (make test-all): a second pytest process collecting the registry-wide files, about a minute on 2 cores
+@pytest.mark.heavy
 def test_a_throwaway_method_passes_every_registry_parametrised_test(tmp_path):
     (tmp_path / "throwaway_kd.py").write_text(METHOD_FILE)
     (tmp_path / "smoke").mkdir()
