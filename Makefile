@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/kdforge demo
 
-# `make test` leaves out the tests marked heavy (minutes-long reproductions, about 7 minutes together on 2 cores);
+# `make test` leaves out the tests marked heavy (minutes-long reproductions, about 8 minutes together on 2 cores);
 # `make test-all` runs every test.
 test: $(STAMP)
 	$(BIN)/ruff check kdforge tests scripts
