@@ -266,7 +266,8 @@ def test_oriented_map_is_exact_and_methods_keep_ranks_identical_under_ddp(tmp_pa
     a = json.loads((tmp_path / "rank0.json").read_text())
     b = json.loads((tmp_path / "rank1.json").read_text())
     # Counts summed, matched detections gathered to rank 0 and ordered by image id: the one process's mAP, exactly.
-    assert a["sharded"] == a["single"] and "mAP50" in a["single"], (a["sharded"], a["single"])
+    # (an untrained detector, five detections per image: a few still match, so the equality compares real matches)
+    assert a["sharded"] == a["single"] and a["single"]["mAP50"] > 0, (a["sharded"], a["single"])
     assert b["sharded"] == a["sharded"] and b["single"] == a["single"]  # every rank gets rank 0's metrics
     for name in names:
         assert a[name] == b[name], name
