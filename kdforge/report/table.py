@@ -61,6 +61,21 @@ DISPLAY = {
     "pixel_kd": "pixel KD",
     "cwd": "CWD",
     "fckdnet": "FCKDNet",
+    "det_kd": "class KD",
+    "ld": "LD",
+    "pkd": "PKD",
+    "fgd": "FGD",
+    "shared_kd": "Shared-KD",
+    "rotated_ld": "Rotated-LD",
+    "oriented_dkd": "discretized-decoupled KD",
+    "output_kd": "output KD",
+    "feature_kd": "feature KD",
+    "at_enh": "AT",
+    "lowlight_kd": "low-light KD",
+    "code_kd": "code KD",
+    "contrastive_code_kd": "contrastive code KD",
+    "brcd": "BRCD",
+    "dats": "DATS",
 }
 
 # Config keys that never tell two runs' protocols apart: the seed (aggregated over), where files live, which
