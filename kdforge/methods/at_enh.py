@@ -8,6 +8,7 @@ from torch import nn
 from kdforge.data.batch import Batch
 from kdforge.losses.image import attention_distill_loss
 from kdforge.methods.base import Method, Progress, StepOutput, total_loss
+from kdforge.models.dense.enhancer import select_stages
 from kdforge.registry import METHODS
 
 
@@ -46,14 +47,7 @@ class ATEnh(Method):
         super().__init__(student, teacher)
         if not p > 0 or not at_weight >= 0:
             raise ValueError(f"need p > 0 and at_weight >= 0, got {p}, {at_weight}")
-        n = len(student.stage_channels)
-        if stages is not None:
-            if not stages:
-                raise ValueError("stages must name at least one stage, or be null for all of them")
-            bad = [i for i in stages if not -n <= i < n]
-            if bad:
-                raise ValueError(f"stages {bad} are out of range: the enhancer has {n} stage maps (0..{n - 1})")
-        self.stages = list(range(n)) if stages is None else [i % n for i in stages]
+        self.stages = select_stages(len(student.stage_channels), stages)
         self.p, self.at_weight = p, at_weight
 
     def forward_train(self, batch: Batch, progress: Progress) -> StepOutput:

@@ -8,19 +8,8 @@ from torch import nn
 from kdforge.data.batch import Batch
 from kdforge.losses.image import FeatureAdapter, feature_distill_loss
 from kdforge.methods.base import Method, Progress, StepOutput, total_loss
+from kdforge.models.dense.enhancer import select_stages
 from kdforge.registry import METHODS
-
-
-def select_stages(n: int, stages: list[int] | None) -> list[int]:
-    """Indices into ``EnhancerFeatures.feats`` (``None``: all ``n``), each checked and made non-negative."""
-    if stages is None:
-        return list(range(n))
-    if not stages:
-        raise ValueError("stages must name at least one stage, or be null for all of them")
-    for i in stages:
-        if not -n <= i < n:
-            raise ValueError(f"stage {i} is out of range: the enhancer has {n} stage maps (0..{n - 1})")
-    return [i % n for i in stages]
 
 
 @METHODS.register("feature_kd")
@@ -75,4 +64,4 @@ class FeatureKD(Method):
         return {"student": self.student}  # the regressors serve training only
 
 
-__all__ = ["FeatureKD", "select_stages"]
+__all__ = ["FeatureKD"]

@@ -141,3 +141,15 @@ ENHANCEMENT_MODELS: dict[str, Callable[[], UNetEnhancer]] = {
     "unet_enhancer_w12": unet_enhancer_w12,
     "unet_enhancer_w8": unet_enhancer_w8,
 }
+
+
+def select_stages(n: int, stages: list[int] | None) -> list[int]:
+    """Indices into ``EnhancerFeatures.feats`` (``None``: all ``n``), each checked and made non-negative."""
+    if stages is None:
+        return list(range(n))
+    if not stages:
+        raise ValueError("stages must name at least one stage, or be null for all of them")
+    for i in stages:
+        if not -n <= i < n:
+            raise ValueError(f"stage {i} is out of range: the enhancer has {n} stage maps (0..{n - 1})")
+    return [i % n for i in stages]
