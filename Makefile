@@ -25,13 +25,14 @@ demo: $(STAMP)
 	$(BIN)/kdforge demo
 
 # `make test` leaves out the tests marked heavy (minutes-long reproductions, about 8 minutes together on 2 cores);
-# `make test-all` runs every test.
+# `make test-all` runs every test, with the onnx extra installed so that the ONNX export tests run too.
 test: $(STAMP)
 	$(BIN)/ruff check kdforge tests scripts
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not heavy" $(PYTEST_ARGS)
 
 test-all: $(STAMP)
+	$(BIN)/python -m pip install -q $(PIP_FLAGS) -e ".[dev,onnx]"
 	$(BIN)/ruff check kdforge tests scripts
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -82,13 +82,29 @@ def build_task(cfg: RunConfig, num_classes: int | None) -> Task:
 
 
 def build_network(
-    name: str, num_classes: int, checkpoint: str | Path | None = None, task: Task | None = None
+    name: str,
+    num_classes: int,
+    checkpoint: str | Path | None = None,
+    task: Task | None = None,
+    pretrained: str | Path | None = None,
 ) -> nn.Module:
     """A network of ``task`` (default: a classification registry model) with ``num_classes`` outputs, with weights
-    loaded from ``checkpoint`` when given."""
-    model = (
-        create_model(name, num_classes=num_classes) if task is None else task.build_model(name, num_classes=num_classes)
-    )
+    loaded from ``checkpoint`` when given; ``pretrained`` gives a task with ``takes_pretrained_backbone`` the weights of
+    its backbone as a zoo classifier (a weight file or a run directory)."""
+    if pretrained is not None:
+        if task is None or not task.takes_pretrained_backbone:
+            raise ConfigError("model.pretrained needs a task that puts its head on a zoo backbone (hashing)")
+        state, path = resolve_weights(pretrained)
+        try:
+            model = task.build_model(name, num_classes=num_classes, pretrained=state)
+        except CheckpointError as err:
+            raise CheckpointError(f"model.pretrained {path}: {err}") from None
+    else:
+        model = (
+            create_model(name, num_classes=num_classes)
+            if task is None
+            else task.build_model(name, num_classes=num_classes)
+        )
     if checkpoint is not None:
         state, path = resolve_weights(checkpoint)
         try:
@@ -183,7 +199,7 @@ def _build(cfg: RunConfig, device: torch.device) -> tuple[Method, DataBundle]:
                 f"classes; remove {key}.num_classes or use matching data"
             )
     task = build_task(cfg, data.num_classes)
-    student = build_network(cfg.model.name, data.num_classes, cfg.model.checkpoint, task)
+    student = build_network(cfg.model.name, data.num_classes, cfg.model.checkpoint, task, cfg.model.pretrained)
     teacher = None
     if cfg.teacher is not None and cfg.teacher.name:
         if cfg.teacher.checkpoint is None:

@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="SWEEP.yaml", help="the sweep file")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
     p.add_argument("--gpus", metavar="IDS", help="e.g. 0,1: one run per GPU at a time, as subprocesses")
+    p.add_argument(
+        "--workers", type=int, metavar="N", help="CPU: N runs at once as subprocesses, the cores shared among them"
+    )
     p = sub.add_parser("report", help="Markdown/CSV tables and PNG plots from run directories")
     p.add_argument("runs_dir", metavar="RUNS_DIR", help="folder searched for run directories")
     p.add_argument("--out", metavar="DIR", help="where report.md, report.csv and the PNGs go (default RUNS_DIR/report)")
@@ -442,19 +445,21 @@ def _profile_command(args: argparse.Namespace) -> int:
 def _sweep_command(args: argparse.Namespace) -> int:
     from kdforge.engine.checkpoint import atomic_write_text
     from kdforge.errors import ConfigError
-    from kdforge.sweep import SWEEP_DIR, describe_plan, load_sweep, plan_summary, run_sweep
+    from kdforge.sweep import SWEEP_DIR, describe_plan, load_sweep, parallel_slots, plan_summary, run_sweep
 
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else []
     if args.gpus is not None and not gpus:
         raise ConfigError(f"--gpus must list GPU ids like 0,1, got {args.gpus!r}")
+    parallel_slots(gpus, args.workers)  # bad --workers fails before anything is written
     plan = load_sweep(args.file)
     print(plan_summary(plan))
     if args.dry_run:
         print("\n".join(describe_plan(plan)))
         return 0
     command = f"kdforge sweep {args.file}" + (f" --gpus {','.join(gpus)}" if gpus else "")
+    command += f" --workers {args.workers}" if args.workers else ""
     atomic_write_text(plan.out / SWEEP_DIR / "command.txt", command + "\n")  # read back by `kdforge report`
-    result = run_sweep(plan, gpus=gpus or None)
+    result = run_sweep(plan, gpus=gpus or None, workers=args.workers)
     print(f"sweep {plan.out}: {len(result.ran)} ran, {len(result.skipped)} already done, {len(result.failed)} failed")
     if result.failed:
         key, why = next(iter(result.failed.items()))

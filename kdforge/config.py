@@ -29,12 +29,16 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 class ModelConfig:
     """A network: a registry name, its class count and optional weights.
 
-    ``checkpoint`` is a weight file or a run directory (its ``model.pt``/``student.pt`` is used).
+    ``checkpoint`` is a weight file or a run directory (its ``model.pt``/``student.pt`` is used) holding the whole
+    network. ``pretrained`` (tasks that put their own head on a zoo backbone: hashing) is the same for the backbone
+    alone, as the zoo classifier it is (e.g. a ``kdforge train`` run of that model on ImageNet); the task drops the
+    classifier and adds its head.
     """
 
     name: str = "resnet8"
     num_classes: int | None = None
     checkpoint: str | None = None
+    pretrained: str | None = None
 
 
 @dataclass

@@ -20,7 +20,9 @@ with ``summary.json`` is finished and skipped, one with ``last.pt`` but no summa
 (re)started. Teachers run first; the distillation runs then read them as checkpoints.
 
 Runs execute one after another in this process by default; ``gpus=[0, 1]`` runs up to one run per GPU at once as
-``python -m kdforge train|distill`` subprocesses with ``CUDA_VISIBLE_DEVICES`` set, each writing its own log.
+``python -m kdforge train|distill`` subprocesses with ``CUDA_VISIBLE_DEVICES`` set, each writing its own log;
+``workers=N`` runs up to N at once on a CPU machine, each with ``OMP_NUM_THREADS`` = its share of the cores (small
+models scale badly over threads: two one-thread runs on two cores finish sooner than two two-thread runs in turn).
 """
 
 from __future__ import annotations
@@ -283,43 +285,62 @@ class SweepResult:
 def _schedule(
     plan: SweepPlan,
     runs: list[PlannedRun],
-    gpus: Sequence[str],
+    slots: Mapping[str, Mapping[str, str]],
     launcher: Launcher,
     result: SweepResult,
     log: Callable[[str], None],
     poll_s: float,
 ) -> None:
-    """Run ``runs`` as subprocesses, at most one per GPU at a time, handing a freed GPU to the next run."""
+    """Run ``runs`` as subprocesses, at most one per slot at a time (a slot: a name like ``GPU 0`` and the environment
+    variables its runs get), handing a freed slot to the next run."""
     queue = list(runs)
     active: dict[str, tuple[PlannedRun, Process, Path]] = {}
     while queue or active:
-        for gpu in gpus:
-            if gpu not in active and queue:
+        for slot, extra_env in slots.items():
+            if slot not in active and queue:
                 run = queue.pop(0)
-                env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+                env = {**os.environ, **extra_env}
                 log_path = plan.out / SWEEP_DIR / "logs" / f"{_slug(run.key)}.log"
                 argv = _subprocess_argv(plan, run)
-                log(f"start {run.key} on GPU {gpu} (log {log_path})")
-                active[gpu] = (run, launcher(argv, env, log_path), log_path)
-        for gpu, (run, proc, log_path) in list(active.items()):
+                log(f"start {run.key} on {slot} (log {log_path})")
+                active[slot] = (run, launcher(argv, env, log_path), log_path)
+        for slot, (run, proc, log_path) in list(active.items()):
             code = proc.poll()
             if code is None:
                 continue
-            del active[gpu]
+            del active[slot]
             if code == 0:
                 result.ran.append(run.key)
-                log(f"done  {run.key} on GPU {gpu}")
+                log(f"done  {run.key} on {slot}")
             else:
                 result.failed[run.key] = f"exit status {code}, see {log_path}"
-                log(f"FAIL  {run.key} on GPU {gpu}: exit status {code}, see {log_path}")
+                log(f"FAIL  {run.key} on {slot}: exit status {code}, see {log_path}")
         if active:
             time.sleep(poll_s)
+
+
+def parallel_slots(
+    gpus: Sequence[str] | None, workers: int | None, cpus: int | None = None
+) -> dict[str, dict[str, str]]:
+    """The subprocess slots of ``--gpus`` (one per GPU id) or ``--workers N`` (N CPU runs, each with
+    ``OMP_NUM_THREADS`` = ``cpus // N``, at least 1); ``{}`` for neither (runs in this process)."""
+    if gpus and workers:
+        raise ConfigError("give --gpus or --workers, not both: --gpus already runs one run per GPU at a time")
+    if gpus:
+        return {f"GPU {g}": {"CUDA_VISIBLE_DEVICES": str(g)} for g in gpus}
+    if workers is None:
+        return {}
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    threads = max(1, (cpus or os.cpu_count() or 1) // workers)
+    return {f"worker {i}": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} for i in range(workers)}
 
 
 def run_sweep(
     plan: SweepPlan,
     *,
     gpus: Sequence[str] | None = None,
+    workers: int | None = None,
     launcher: Launcher | None = None,
     log: Callable[[str], None] = print,
     poll_s: float = 1.0,
@@ -327,9 +348,11 @@ def run_sweep(
     """Run every unfinished run of ``plan``: teachers first, then the rest; returns what ran, skipped and failed.
 
     Without ``gpus`` the runs execute one by one in this process; a run that fails with a kdforge error is recorded
-    and the sweep goes on. With ``gpus`` they run as subprocesses, one per GPU at a time (``launcher`` starts
-    them; tests inject a fake one). Distillation runs start only after every teacher finished.
+    and the sweep goes on. With ``gpus`` they run as subprocesses, one per GPU at a time, with ``workers`` N at a
+    time on the CPU (``launcher`` starts them; tests inject a fake one). Distillation runs start only after every
+    teacher finished.
     """
+    slots = parallel_slots(gpus, workers)
     result = SweepResult()
     for phase in (plan.teachers, plan.runs):
         todo = []
@@ -343,8 +366,8 @@ def run_sweep(
                 if run.command == "distill":
                     result.failed[run.key] = "not run: a teacher of the sweep failed"
             todo = [r for r in todo if r.command != "distill"]
-        if gpus:
-            _schedule(plan, todo, list(gpus), launcher or launch_subprocess, result, log, poll_s)
+        if slots:
+            _schedule(plan, todo, slots, launcher or launch_subprocess, result, log, poll_s)
             continue
         for i, run in enumerate(todo, 1):
             log(f"[{i}/{len(todo)}] {run.state():6s} {run.key}")

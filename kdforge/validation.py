@@ -55,6 +55,12 @@ def validate(cfg: RunConfig, command: Literal["train", "distill"] = "distill") -
         f"set task.name={data_task} or choose a {cfg.task.name} dataset (`kdforge datasets`)",
     )
 
+    _require(
+        cfg.model.pretrained is None or task_cls.takes_pretrained_backbone,
+        f"model.pretrained is for tasks that put their head on a zoo backbone (hashing), not task {cfg.task.name}; "
+        "give whole-network weights as model.checkpoint",
+    )
+
     if command == "train":
         _require(
             not getattr(method_cls, "needs_teacher", True),

@@ -90,6 +90,47 @@ def test_hashing_net_rejects_non_zoo_backbones():
 # ---------------------------------------------------------------------------------------------------- task
 
 
+@pytest.mark.parametrize("classes", [10, 1000])
+def test_pretrained_backbone_loads_every_backbone_weight_of_a_classifier_of_any_width(tmp_path, classes):
+    torch.manual_seed(0)
+    classifier = create_model("resnet8", num_classes=classes)
+    for p in classifier.parameters():
+        nn.init.normal_(p)  # weights no fresh network has, so a skipped load cannot pass
+    path = tmp_path / "resnet8.pt"
+    torch.save({"model": classifier.state_dict()}, path)  # a RepDistiller-style container
+    fresh = HashingTask(bits=16).build_model("hash_resnet8")
+    net = HashingTask(bits=16).build_model("hash_resnet8", pretrained=str(path))
+    want = {k: v for k, v in classifier.state_dict().items() if not k.startswith("fc.")}
+    got = net.backbone.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # the hash head is the task's own, freshly initialised as without weights
+    assert net.hash_head.weight.shape == fresh.hash_head.weight.shape == (16, 64)
+    assert not torch.equal(net.hash_head.weight, classifier.fc.weight[:16])
+
+
+def test_pretrained_backbone_of_another_architecture_or_from_config_is_refused(tmp_path):
+    from kdforge.api import build_network
+    from kdforge.config import config_from_dict
+    from kdforge.errors import CheckpointError
+    from kdforge.tasks.classification import ClassificationTask
+    from kdforge.validation import validate
+
+    path = tmp_path / "resnet20.pt"
+    torch.save(create_model("resnet20", num_classes=10).state_dict(), path)
+    with pytest.raises(CheckpointError, match="model.pretrained .*missing|model.pretrained .*unexpected"):
+        build_network("hash_resnet8", 10, task=HashingTask(bits=16), pretrained=path)
+    ok = create_model("resnet8", num_classes=10).state_dict()
+    torch.save(ok, tmp_path / "resnet8.pt")
+    net = build_network("hash_resnet8", 10, task=HashingTask(bits=16), pretrained=tmp_path / "resnet8.pt")
+    assert torch.equal(net.backbone.conv1.weight, ok["conv1.weight"])
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        build_network("resnet8", 10, task=ClassificationTask(num_classes=10), pretrained=tmp_path / "resnet8.pt")
+    cfg = config_from_dict({"model": {"name": "resnet8", "pretrained": str(path)}, "method": {"name": "vanilla"}})
+    with pytest.raises(ConfigError, match="model.pretrained is for tasks that put their head on a zoo backbone"):
+        validate(cfg, "train")
+
+
 def test_task_interface_and_errors():
     task = HashingTask(bits=64)
     assert task.name == "hashing"

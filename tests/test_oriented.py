@@ -338,15 +338,20 @@ def test_oriented_student_exports_to_torchscript(tmp_path):
 
 
 def test_onnx_export_equals_eager(tmp_path) -> None:
+    """kdforge's ONNX exporter on an oriented detector (classification, box and angle distributions per level), at
+    two batch sizes, against eager PyTorch (runs under `make test-all`, which installs the onnx extra)."""
     ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from kdforge.export import export_onnx
+
     model = _task().build_model("ogfl_resnet8").eval()
-    x = torch.randn(1, 3, 64, 64)
-    path = tmp_path / "oriented.onnx"
-    torch.onnx.export(model, (x,), str(path), opset_version=17)
-    session = ort.InferenceSession(str(path))
+    check = export_onnx(model, torch.randn(2, 3, 64, 64), tmp_path / "oriented.onnx", atol=1e-4)
+    assert check["status"] == "ok" and check["max_abs_diff"] <= 1e-4
+    session = ort.InferenceSession(str(tmp_path / "oriented.onnx"))
+    x = torch.randn(3, 3, 64, 64)
     outs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     eager = model(x)
+    assert len(outs) == len(eager[0]) + len(eager[1]) + len(eager[2])
     for a, b in zip(eager[0] + eager[1] + eager[2], outs, strict=True):
         np.testing.assert_allclose(a.detach().numpy(), b, atol=1e-4)
 

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from kdforge.config import load_config
 from kdforge.errors import ConfigError
 from kdforge.report.published import PUBLISHED, lookup
 from kdforge.report.table import BEGIN, END, build_groups, replace_section, scan_runs, write_report
-from kdforge.sweep import SWEEP_DIR, expand_sweep, launch_subprocess, run_sweep
+from kdforge.sweep import SWEEP_DIR, expand_sweep, launch_subprocess, parallel_slots, run_sweep
 
 FAST = {
     "data.name": "embedded",
@@ -237,6 +238,39 @@ def test_gpu_scheduler_with_fake_launcher(tmp_path):
     assert all(x["log"].parent == out / SWEEP_DIR / "logs" for x in launched)
     assert list(result.failed) == ["embedded/resnet8/student/seed1"]
     assert len(result.ran) == len(plan.all_runs) - 1
+
+
+def test_cpu_workers_share_the_cores_and_run_at_most_n_at_once(tmp_path):
+    assert parallel_slots(None, 3, cpus=8) == {
+        f"worker {i}": {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"} for i in range(3)
+    }
+    assert parallel_slots(None, 4, cpus=2)["worker 3"]["OMP_NUM_THREADS"] == "1"  # never 0 threads
+    assert parallel_slots(None, None) == {} and parallel_slots(["1"], None) == {"GPU 1": {"CUDA_VISIBLE_DEVICES": "1"}}
+    with pytest.raises(ConfigError, match="not both"):
+        parallel_slots(["0"], 2)
+    with pytest.raises(ConfigError, match="at least 1"):
+        parallel_slots(None, 0)
+    plan = expand_sweep(_spec(tmp_path / "sweep", seeds=[0, 1, 2]))
+    launched: list[tuple[str, int]] = []
+    active: list[FakeProcess] = []
+
+    def launcher(argv: list[str], env: dict[str, str], log: Path) -> FakeProcess:
+        active[:] = [p for p in active if p.polls > 0]
+        active.append(FakeProcess(polls=3, code=0))
+        launched.append((env["OMP_NUM_THREADS"], len(active)))
+        return active[-1]
+
+    result = run_sweep(plan, workers=2, launcher=launcher, log=lambda _: None, poll_s=0.0)
+    assert len(result.ran) == len(launched) == len(plan.all_runs)
+    assert max(n for _, n in launched) == 2 and {t for t, _ in launched} == {str(max(1, (os.cpu_count() or 1) // 2))}
+
+
+def test_sweep_cli_rejects_bad_workers_before_writing(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(_spec(tmp_path / "out")))
+    assert main(["sweep", str(path), "--workers", "0"]) == 2
+    assert main(["sweep", str(path), "--workers", "2", "--gpus", "0"]) == 2
+    assert not (tmp_path / "out").exists()
 
 
 def test_gpu_scheduler_skips_distillation_after_teacher_failure(tmp_path):

@@ -6,7 +6,7 @@ instead of PyTorch's multi-line ``load_state_dict`` report.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,9 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(d) for d in t.shape) + "]"
 
 
-def load_weights(model: nn.Module, source: Mapping[str, Any] | str | Path, strict: bool = True) -> nn.Module:
+def load_weights(
+    model: nn.Module, source: Mapping[str, Any] | str | Path, strict: bool = True, drop: Sequence[str] = ()
+) -> nn.Module:
     """Loads a state dict or weight file into ``model`` in place.
 
     Accepts plain state dicts, RepDistiller/mdistiller checkpoints (``{"model": sd, "epoch": ...}``), the
@@ -88,6 +90,7 @@ def load_weights(model: nn.Module, source: Mapping[str, Any] | str | Path, stric
         model: the model to fill.
         source: a state dict (possibly wrapped) or the path of a file written by ``torch.save``.
         strict: when False, missing and unexpected keys are ignored; shape mismatches always fail.
+        drop: key prefixes of the source left out before any check (a classifier replaced by another head).
 
     Returns:
         ``model``.
@@ -99,6 +102,7 @@ def load_weights(model: nn.Module, source: Mapping[str, Any] | str | Path, stric
     obj = _read(source) if isinstance(source, (str, Path)) else source
     own = model.state_dict()
     state = _strip_prefixes(_unwrap(obj), set(own))
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(drop))}
 
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]

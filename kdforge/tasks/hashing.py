@@ -217,6 +217,7 @@ class HashingTask(Task):
 
     name: ClassVar[str] = "hashing"
     summary_metrics: ClassVar[tuple[str, ...]] = ("map",)
+    takes_pretrained_backbone: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -14,14 +14,15 @@ an exported graph.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kdforge.models import create_model, list_models
+from kdforge.models import create_model, list_models, load_weights
 from kdforge.models.features import FeatureInfo, Features
 
 
@@ -106,7 +107,7 @@ def build_hashing_model(
     backbone: str,
     bits: int = 64,
     hidden: int | None = None,
-    pretrained: str | Path | None = None,
+    pretrained: Mapping[str, Any] | str | Path | None = None,
     freeze_backbone: bool = False,
 ) -> HashingNet:
     """A :class:`HashingNet` on the zoo model ``backbone``.
@@ -115,11 +116,16 @@ def build_hashing_model(
         backbone: a zoo name (``kdforge models``), e.g. ``resnet8``, ``resnet32x4``, ``mobilenetv2``.
         bits: code length.
         hidden: MLP hidden width, ``None`` for a linear head.
-        pretrained: weights of the backbone as a classifier (loaded before its classifier is dropped).
+        pretrained: weights of the backbone as a zoo classifier, a state dict or file (``model.pretrained``); its
+            classifier, of any class count, is left out and every other weight must fit.
         freeze_backbone: train only the head.
     """
-    net = create_model(backbone, pretrained=pretrained)
-    return HashingNet(net, bits=bits, hidden=hidden, freeze_backbone=freeze_backbone)
+    net = create_model(backbone)
+    classifier = net.classifier_name
+    model = HashingNet(net, bits=bits, hidden=hidden, freeze_backbone=freeze_backbone)
+    if pretrained is not None:
+        load_weights(net, pretrained, drop=(f"{classifier}.",))
+    return model
 
 
 #: ``hash_<zoo name>`` → builder ``(bits=64, hidden=None, pretrained=None, freeze_backbone=False) -> HashingNet``
