@@ -18,7 +18,7 @@ would select on the evaluation split) and the paired difference against KD, DKD 
 methods finished, with a two-sided 95 % t-interval.
 
     python scripts/atf_protocol.py split                     # writes ../runs/atf_proxy/data/val.npz
-    python scripts/atf_protocol.py run --stage validation    # waits for the teacher, then sweeps (nice -n 19)
+    python scripts/atf_protocol.py run --stage validation --workers 2  # waits for the teacher, then sweeps
     python scripts/atf_protocol.py report --stage validation --markdown docs/atf_validation.md
 """
 
@@ -327,7 +327,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         write_split(SOURCE, val)
     plan = load_sweep(SWEEPS[args.stage])
     print(plan_summary(plan), flush=True)
-    result = run_sweep(plan, log=lambda s: print(f"{time.strftime('%H:%M:%S')} {s}", flush=True))
+    result = run_sweep(plan, workers=args.workers, log=lambda s: print(f"{time.strftime('%H:%M:%S')} {s}", flush=True))
     final, teacher = collect(plan.out)
     print(_teacher_line() + markdown(final, teacher, args.stage, sweep_settings(SWEEPS[args.stage])))
     return 1 if result.failed else 0
@@ -358,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--stage", choices=sorted(SWEEPS), default="validation")
         if name == "report":
             p.add_argument("--markdown", help="also write the table to this file")
+        else:
+            p.add_argument("--workers", type=int, help="runs side by side on the CPU (kdforge sweep --workers)")
     args = parser.parse_args(argv)
     if args.command == "split":
         print(write_split(args.source, args.out))
