@@ -14,6 +14,7 @@ import inspect
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -225,6 +226,17 @@ def _build(cfg: RunConfig, device: torch.device) -> tuple[Method, DataBundle]:
 AUTO_RUN_DIR = "<auto>"
 
 
+def with_class_count(cfg: RunConfig, num_classes: int) -> RunConfig:
+    """``cfg`` as the run directory saves it: ``model.num_classes`` (and the teacher's) filled in from the data when
+    unset, so that ``kdforge export``/``profile`` of the run need not open its dataset (a COCO or DOTA folder's class
+    count is in its annotation files, a folder dataset's in its sub-folders)."""
+    if not num_classes:
+        return cfg
+    model = replace(cfg.model, num_classes=cfg.model.num_classes or num_classes)
+    teacher = cfg.teacher and replace(cfg.teacher, num_classes=cfg.teacher.num_classes or num_classes)
+    return replace(cfg, model=model, teacher=teacher)
+
+
 def run(
     cfg: RunConfig,
     command: Literal["train", "distill"] = "distill",
@@ -273,7 +285,7 @@ def run(
         optim=cfg.optim,
         schedule=cfg.schedule,
         out_dir=out_dir,
-        config=cfg,
+        config=with_class_count(cfg, data.num_classes),
         resume=resume,
         force=force,
         device=device,

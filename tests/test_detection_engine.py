@@ -16,9 +16,10 @@ from torch import nn
 
 from kdforge.api import run
 from kdforge.cli import main
-from kdforge.config import config_from_dict
+from kdforge.config import config_from_dict, load_config
 from kdforge.data import build_data
 from kdforge.errors import ConfigError, DataError
+from kdforge.export import export_student
 from kdforge.losses.detection import class_kd_loss, hcl_loss, ld_loss, ld_vlr_loss, pkd_loss, teacher_share
 from kdforge.methods import Progress
 from kdforge.methods.shared_kd import step2_weight
@@ -239,6 +240,28 @@ def test_coco_det_letterboxes_and_scores_in_original_image_coordinates(tmp_path:
     assert (train.targets["boxes"][valid] <= 32 + 1e-4).all() and "scales" not in train.targets
     with pytest.raises(DataError, match="needs data.root"):
         build_data("coco_det", batch_size=2, eval_batch_size=2)
+
+
+def test_a_coco_run_saves_its_class_count_so_export_needs_no_annotations(tmp_path: Path) -> None:
+    """A user's COCO folder gives its class count only through its annotation files: the run directory records it
+    (``model.num_classes`` in config.yaml), so ``kdforge export`` works without reading them, even once they moved."""
+    root, _ = _coco(tmp_path / "coco", {"train": [(40, 40), (48, 32)], "val": [(40, 40)]})
+    cfg = config_from_dict(
+        {
+            "task": {"name": "detection"},
+            "model": {"name": "gfl_resnet8"},
+            "method": {"name": "vanilla"},
+            "data": {"name": "coco_det", "root": str(root), "batch_size": 2, "eval_batch_size": 2, "image_size": 32},
+            "train": {"epochs": 1, "progress": False},
+        }
+    )
+    run(cfg, "train", tmp_path / "run")
+    assert cfg.model.num_classes is None  # the caller's config is not changed
+    assert load_config(tmp_path / "run" / "config.yaml").model.num_classes == 2
+    root.rename(tmp_path / "moved")
+    result = export_student(tmp_path / "run", tmp_path / "export", formats="torchscript", profile=False)
+    assert result.checks[0]["status"] == "ok"
+    assert result.files["torchscript"].is_file()
 
 
 # ---------------------------------------------------------------------------------------------------- the engine

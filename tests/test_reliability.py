@@ -34,6 +34,7 @@ CHILD = textwrap.dedent(
     from kdforge.errors import KDForgeError
     from kdforge.models import create_model
 
+    torch.set_num_threads({threads})  # the parent's (conftest), whatever OMP_NUM_THREADS says: same float rounding
     torch.manual_seed(0)
     model = create_model("resnet8", num_classes=10)
     model.register_forward_pre_hook(lambda module, args: time.sleep(0.15))
@@ -44,7 +45,7 @@ CHILD = textwrap.dedent(
         print(err, file=sys.stderr)
         sys.exit(3)
     """
-).format(train=TRAIN, optim=OPTIM)
+).format(train=TRAIN, optim=OPTIM, threads=torch.get_num_threads())
 
 
 def _data():
