@@ -200,7 +200,7 @@ def markdown(
     """Per-label mean ± std of the final top-1 and the paired differences against the baselines present."""
     settings = settings or {}
     baselines = [b for b in BASELINES if b in final]
-    head = ["setting", "overrides", "seeds", f"final {split} top-1 (%)", "tuned teacher (%)"]
+    head = ["setting", "overrides", "seeds", f"final {split} top-1 (%)", "teacher at the end (%)"]
     head += [f"Δ vs {b} [95 % CI]" for b in baselines]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, runs in final.items():
