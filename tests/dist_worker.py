@@ -208,11 +208,8 @@ def hashing(out: Path, names: list[str]) -> None:
 def detection(out: Path, names: list[str]) -> None:
     """Detection under DDP: COCO AP of a sharded test split (an odd count, gathered to rank 0 and ordered by image
     id) against one process on all of it, and every detection method for one short epoch (checksums per rank)."""
-    from kdforge.data.dense_loader import DenseTensorLoader
-    from kdforge.engine.evaluation import evaluate as evaluate_task
     from kdforge.registry import TASKS
 
-    info = distributed.current()
     # score_threshold 0: an untrained detector's scores sit at the 0.01 prior, and the metric must see detections
     task = TASKS.get("detection")(num_classes=4, score_threshold=0.0, max_per_image=20)
     g = torch.Generator().manual_seed(0)
@@ -223,6 +220,20 @@ def detection(out: Path, names: list[str]) -> None:
     labels = torch.randint(0, 4, (n, 3), generator=g)
     labels[::3, 2] = -1
     targets = {"boxes": torch.cat((xy, xy + wh), -1), "labels": labels, "image_ids": torch.arange(n)}
+    # lr 0.1 (OPTIM's) diverges on a detector fed noise images; 0.01 is GFL's
+    _detector_ddp(out, names, task, images, targets, "gfl_resnet8", "gfl_resnet20", lr=0.01)
+
+
+def _detector_ddp(
+    out: Path, names: list[str], task, images: torch.Tensor, targets: dict, student: str, teacher: str, lr: float
+) -> None:
+    """The metric of a sharded test split (the last N_TEST images) against one process on all of it, then every
+    method in ``names`` for one short epoch on the first N_TRAIN (checksums of every float tensor per rank)."""
+    from kdforge.data.dense_loader import DenseTensorLoader
+    from kdforge.engine.evaluation import evaluate as evaluate_task
+
+    info = distributed.current()
+    n = len(images)
     common = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
 
     def part(sl: slice) -> dict:
@@ -238,16 +249,15 @@ def detection(out: Path, names: list[str]) -> None:
         return SimpleNamespace(train=train, test=test, num_classes=4, num_train=N_TRAIN, train_targets=None)
 
     torch.manual_seed(0)
-    student = task.build_model("gfl_resnet8").eval()
-    results = {"sharded": evaluate_task(student, loaders(info.rank, info.world_size).test, task=task)}
-    results["single"] = evaluate_task(student, loaders(0, 1).test, task=task)
+    net = task.build_model(student).eval()
+    results = {"sharded": evaluate_task(net, loaders(info.rank, info.world_size).test, task=task)}
+    results["single"] = evaluate_task(net, loaders(0, 1).test, task=task)
     for name in names:
         torch.manual_seed(0)
-        s_net = task.build_model("gfl_resnet8")
-        t_net = task.build_model("gfl_resnet20") if METHODS.get(name).needs_teacher else None
+        s_net = task.build_model(student)
+        t_net = task.build_model(teacher) if METHODS.get(name).needs_teacher else None
         method = create_method(name, s_net, t_net, task=task)
-        # lr 0.1 (OPTIM's) diverges on a detector fed noise images; 0.01 is GFL's
-        fit(method, loaders(info.rank, info.world_size), train={**TRAIN, "epochs": 1}, optim={**OPTIM, "lr": 0.01})
+        fit(method, loaders(info.rank, info.world_size), train={**TRAIN, "epochs": 1}, optim={**OPTIM, "lr": lr})
         results[name] = {k: v.double().sum().item() for k, v in method.state_dict().items() if v.is_floating_point()}
     (out / f"rank{info.rank}.json").write_text(json.dumps(results))
 
@@ -304,11 +314,8 @@ def oriented(out: Path, names: list[str]) -> None:
     """Oriented detection under DDP: DOTA-style mAP of a sharded test split (an odd count; counts summed, matched
     detections gathered to rank 0 and ordered by image id) against one process on all of it, and every
     oriented-detection method for one short epoch (checksums per rank)."""
-    from kdforge.data.dense_loader import DenseTensorLoader
-    from kdforge.engine.evaluation import evaluate as evaluate_task
     from kdforge.registry import TASKS
 
-    info = distributed.current()
     # score_threshold 0: an untrained detector's scores sit at the 0.01 prior, and the metric must see detections;
     # five per image keep the rotated-IoU matching cheap (100 per image made this the slowest test of make test)
     task = TASKS.get("oriented_detection")(
@@ -325,32 +332,7 @@ def oriented(out: Path, names: list[str]) -> None:
     labels = torch.randint(0, 4, (n, 3), generator=g)
     labels[::3, 2] = -1
     targets = {"rboxes": rboxes, "labels": labels, "image_id": torch.arange(n)}
-    common = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
-
-    def part(sl: slice) -> dict:
-        return {k: v[sl] for k, v in targets.items()}
-
-    def loaders(rank: int, world: int) -> SimpleNamespace:
-        train = DenseTensorLoader(
-            images[:N_TRAIN], part(slice(0, N_TRAIN)), 8, train=True, rank=rank, world_size=world, **common
-        )
-        test = DenseTensorLoader(
-            images[N_TRAIN:], part(slice(N_TRAIN, n)), 5, train=False, rank=rank, world_size=world, **common
-        )
-        return SimpleNamespace(train=train, test=test, num_classes=4, num_train=N_TRAIN, train_targets=None)
-
-    torch.manual_seed(0)
-    student = task.build_model("ogfl_resnet8").eval()
-    results = {"sharded": evaluate_task(student, loaders(info.rank, info.world_size).test, task=task)}
-    results["single"] = evaluate_task(student, loaders(0, 1).test, task=task)
-    for name in names:
-        torch.manual_seed(0)
-        s_net = task.build_model("ogfl_resnet8")
-        t_net = task.build_model("ogfl_resnet20") if METHODS.get(name).needs_teacher else None
-        method = create_method(name, s_net, t_net, task=task)
-        fit(method, loaders(info.rank, info.world_size), train={**TRAIN, "epochs": 1}, optim={**OPTIM, "lr": 0.01})
-        results[name] = {k: v.double().sum().item() for k, v in method.state_dict().items() if v.is_floating_point()}
-    (out / f"rank{info.rank}.json").write_text(json.dumps(results))
+    _detector_ddp(out, names, task, images, targets, "ogfl_resnet8", "ogfl_resnet20", lr=0.01)
 
 
 def resume(out: Path) -> None:
