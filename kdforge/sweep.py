@@ -28,6 +28,7 @@ models scale badly over threads: two one-thread runs on two cores finish sooner 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,6 +40,7 @@ from typing import Any, Literal, Protocol
 from kdforge.config import RunConfig, config_from_dict, deep_merge, dump_yaml, load_yaml
 from kdforge.engine.checkpoint import atomic_write_text
 from kdforge.engine.loop import TrainingInterrupted
+from kdforge.engine.signals import StopRequest
 from kdforge.errors import ConfigError, KDForgeError
 from kdforge.registry import close_matches
 from kdforge.validation import validate
@@ -234,9 +236,11 @@ def expand_sweep(spec: Mapping[str, Any], *, root: str | Path | None = None, whe
 
 
 class Process(Protocol):
-    """What the GPU scheduler needs of a launched run (``subprocess.Popen`` satisfies it)."""
+    """What the scheduler needs of a launched run (``subprocess.Popen`` satisfies it)."""
 
     def poll(self) -> int | None: ...
+
+    def send_signal(self, sig: int) -> None: ...
 
 
 Launcher = Callable[[list[str], dict[str, str], Path], Process]
@@ -295,28 +299,47 @@ def _schedule(
     variables its runs get), handing a freed slot to the next run."""
     queue = list(runs)
     active: dict[str, tuple[PlannedRun, Process, Path]] = {}
-    while queue or active:
-        for slot, extra_env in slots.items():
-            if slot not in active and queue:
-                run = queue.pop(0)
-                env = {**os.environ, **extra_env}
-                log_path = plan.out / SWEEP_DIR / "logs" / f"{_slug(run.key)}.log"
-                argv = _subprocess_argv(plan, run)
-                log(f"start {run.key} on {slot} (log {log_path})")
-                active[slot] = (run, launcher(argv, env, log_path), log_path)
-        for slot, (run, proc, log_path) in list(active.items()):
-            code = proc.poll()
-            if code is None:
-                continue
-            del active[slot]
-            if code == 0:
-                result.ran.append(run.key)
-                log(f"done  {run.key} on {slot}")
-            else:
-                result.failed[run.key] = f"exit status {code}, see {log_path}"
-                log(f"FAIL  {run.key} on {slot}: exit status {code}, see {log_path}")
-        if active:
-            time.sleep(poll_s)
+    # SIGTERM/SIGINT: passed on to the running runs, which finish their step and write last.pt; nothing new starts,
+    # and the sweep stops once they have exited, so that running it again resumes every one of them.
+    stop = StopRequest().install()
+    forwarded = False
+    try:
+        while queue or active:
+            if stop.requested and not forwarded:
+                forwarded = True
+                queue.clear()
+                for _, proc, _ in active.values():
+                    proc.send_signal(getattr(signal, stop.signal_name or "SIGTERM"))
+            for slot, extra_env in slots.items():
+                if slot not in active and queue:
+                    run = queue.pop(0)
+                    env = {**os.environ, **extra_env}
+                    log_path = plan.out / SWEEP_DIR / "logs" / f"{_slug(run.key)}.log"
+                    argv = _subprocess_argv(plan, run)
+                    log(f"start {run.key} on {slot} (log {log_path})")
+                    active[slot] = (run, launcher(argv, env, log_path), log_path)
+            for slot, (run, proc, log_path) in list(active.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del active[slot]
+                if code == 0:
+                    result.ran.append(run.key)
+                    log(f"done  {run.key} on {slot}")
+                elif forwarded:
+                    log(f"stopped {run.key} on {slot} (its last.pt resumes it)")
+                else:
+                    result.failed[run.key] = f"exit status {code}, see {log_path}"
+                    log(f"FAIL  {run.key} on {slot}: exit status {code}, see {log_path}")
+            if active:
+                time.sleep(poll_s)
+    finally:
+        stop.uninstall()
+    if stop.requested:
+        raise TrainingInterrupted(
+            f"sweep stopped by {stop.signal_name}: the runs it had started wrote last.pt; run the same kdforge sweep "
+            "again to resume them"
+        )
 
 
 def parallel_slots(

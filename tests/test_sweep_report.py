@@ -265,6 +265,41 @@ def test_cpu_workers_share_the_cores_and_run_at_most_n_at_once(tmp_path):
     assert max(n for _, n in launched) == 2 and {t for t, _ in launched} == {str(max(1, (os.cpu_count() or 1) // 2))}
 
 
+def test_a_signal_stops_the_parallel_sweep_after_passing_it_to_the_running_runs(tmp_path):
+    import signal
+
+    from kdforge.engine.signals import TrainingInterrupted
+
+    launched: list[Path] = []
+
+    class Child(FakeProcess):
+        def __init__(self) -> None:
+            super().__init__(polls=10**9, code=0)  # runs until signalled
+            self.signals: list[int] = []
+
+        def send_signal(self, sig: int) -> None:
+            self.signals.append(sig)
+            self.polls, self.code = 1, 2  # writes last.pt and exits with kdforge's error status
+
+    children: list[Child] = []
+
+    def launcher(argv: list[str], env: dict[str, str], log: Path) -> Child:
+        launched.append(log)
+        children.append(Child())
+        if len(children) == 2:  # the scheduler's own process gets SIGTERM once both workers run
+            os.kill(os.getpid(), signal.SIGTERM)
+        return children[-1]
+
+    # a teacher given as a checkpoint: no teacher phase, six runs for two workers
+    plan = expand_sweep({**_spec(tmp_path / "sweep", seeds=[0, 1, 2]), "teachers": {"resnet8": str(tmp_path)}})
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match="sweep stopped by SIGTERM.*run the same kdforge sweep again"):
+        run_sweep(plan, workers=2, launcher=launcher, log=lambda _: None, poll_s=0.0)
+    assert len(plan.runs) == 6 and len(launched) == 2  # nothing started after the signal
+    assert [c.signals for c in children] == [[signal.SIGTERM], [signal.SIGTERM]]
+    assert signal.getsignal(signal.SIGTERM) == before  # the scheduler's handler is gone again
+
+
 def test_sweep_cli_rejects_bad_workers_before_writing(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(_spec(tmp_path / "out")))
