@@ -169,8 +169,10 @@ def collect(root: Path) -> tuple[dict[str, dict[int, float]], dict[str, dict[int
         label, seed = path.parent.parent.name, int(path.parent.name.removeprefix("seed"))
         summary = json.loads(path.read_text())
         final.setdefault(label, {})[seed] = float(summary["final_top1"])
-        if "teacher_top1" in summary:
-            teacher.setdefault(label, {})[seed] = float(summary["teacher_top1"])
+        # ATF's tuned teacher at the end (final_teacher_top1); a frozen teacher's own score otherwise
+        end = summary.get("final_teacher_top1", summary.get("teacher_top1"))
+        if end is not None:
+            teacher.setdefault(label, {})[seed] = float(end)
     return final, teacher
 
 

@@ -418,12 +418,13 @@ def test_protocol_report_reads_sweep_runs_and_pairs_by_seed(tmp_path):
             run = tmp_path / "cifar10_jpeg" / "resnet20_resnet8" / label / f"seed{seed}"
             run.mkdir(parents=True)
             summary = {"final_top1": top, "best_top1": top + 1}
+            summary["teacher_top1"] = 80.0  # the teacher before training (every distillation run's summary)
             if label == "atf":
-                summary["teacher_top1"] = 70.0 + seed
+                summary["final_teacher_top1"] = 70.0 + seed  # the tuned teacher at the end
             (run / "summary.json").write_text(json.dumps(summary))
     final, teacher = proto.collect(tmp_path)
     assert final == {"atf": {0: 61.0, 1: 61.5, 2: 60.0}, "kd": {0: 60.0, 1: 61.0, 2: 59.0}}
-    assert teacher == {"atf": {0: 70.0, 1: 71.0, 2: 72.0}}
+    assert teacher == {"atf": {0: 70.0, 1: 71.0, 2: 72.0}, "kd": {0: 80.0, 1: 80.0, 2: 80.0}}
     table = proto.markdown(final, teacher, "validation", {"atf": "alpha 0.5"})
     row = next(line for line in table.splitlines() if line.startswith("| atf "))
     # Differences 1.0, 0.5, 1.0: mean 0.833, sd 0.289, half-width t(0.975, 2)·sd/√3 = 4.303·0.1667 = 0.717.
