@@ -250,7 +250,9 @@ def launch_subprocess(argv: list[str], env: dict[str, str], log: Path) -> Proces
     """Start ``argv`` with ``env``, stdout and stderr into ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as fh:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        # A session of its own: a terminal's Ctrl-C reaches only the sweep, which passes it on once (a second signal
+        # would make the run stop at once, without writing last.pt).
+        return subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _slug(key: str) -> str:
