@@ -428,4 +428,9 @@ def test_protocol_report_reads_sweep_runs_and_pairs_by_seed(tmp_path):
     table = proto.markdown(final, teacher, "validation", {"atf": "alpha 0.5"})
     row = next(line for line in table.splitlines() if line.startswith("| atf "))
     # Differences 1.0, 0.5, 1.0: mean 0.833, sd 0.289, half-width t(0.975, 2)·sd/√3 = 4.303·0.1667 = 0.717.
-    assert row == "| atf | alpha 0.5 | 0,1,2 | 60.83 ± 0.76 | 71.00 ± 1.00 | +0.83 [+0.12, +1.55] (n=3) |"
+    # on the validation split every row is also compared with atf (the provisional defaults): its own cell is empty
+    assert row == "| atf | alpha 0.5 | 0,1,2 | 60.83 ± 0.76 | 71.00 ± 1.00 |  | +0.83 [+0.12, +1.55] (n=3) |"
+    kd_row = next(line for line in table.splitlines() if line.startswith("| kd "))
+    assert kd_row.endswith("| -0.83 [-1.55, -0.12] (n=3) |  |")
+    test_table = proto.markdown(final, teacher, "test")
+    assert "Δ vs atf" not in test_table and "Δ vs kd" in test_table
