@@ -574,7 +574,12 @@ def entry_point() -> None:
     A torchrun worker leaves without the interpreter's teardown (see
     :func:`kdforge.engine.distributed.exit_process`); everything else exits normally.
     """
-    code = main()
+    try:
+        code = main()
+    except BrokenPipeError:
+        # `kdforge methods | head`: the reader left; no traceback, and none again when Python flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
         from kdforge.engine.distributed import exit_process
 

@@ -47,6 +47,17 @@ def test_models_table_counts(capsys):
     assert "resnet32x4" in out and "7,433,860" in out and "resnet34" not in out
 
 
+def test_a_closed_pipe_ends_quietly():
+    """`kdforge ... | head`: the reader leaves early; kdforge exits without a traceback."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        f'"{sys.executable}" -m kdforge models | head -c 1', shell=True, capture_output=True, text=True, timeout=120
+    )
+    assert len(out.stdout) == 1 and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+
+
 def test_datasets_table(capsys):
     code, out, _ = _run(capsys, "datasets")
     assert code == 0 and "embedded" in out and "cifar100" in out and "folder" in out
