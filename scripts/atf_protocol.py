@@ -331,6 +331,13 @@ def _split(stage: str) -> str:
     return "test" if stage == "test" else "validation"
 
 
+def _stage_settings(stage: str) -> dict[str, str]:
+    """Each row's overrides; the screen and the confirmation share one run folder, so they share one table."""
+    if stage == "test":
+        return sweep_settings(SWEEPS["test"])
+    return sweep_settings(SWEEPS["validation"]) | sweep_settings(SWEEPS["confirm"])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from kdforge.sweep import load_sweep, plan_summary, run_sweep
 
@@ -342,7 +349,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(plan_summary(plan), flush=True)
     result = run_sweep(plan, workers=args.workers, log=lambda s: print(f"{time.strftime('%H:%M:%S')} {s}", flush=True))
     final, teacher = collect(plan.out)
-    print(_teacher_line() + markdown(final, teacher, _split(args.stage), sweep_settings(SWEEPS[args.stage])))
+    print(_teacher_line() + markdown(final, teacher, _split(args.stage), _stage_settings(args.stage)))
     return 1 if result.failed else 0
 
 
@@ -351,7 +358,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     root = load_sweep(SWEEPS[args.stage]).out
     final, teacher = collect(root)
-    table = _teacher_line() + markdown(final, teacher, _split(args.stage), sweep_settings(SWEEPS[args.stage]))
+    table = _teacher_line() + markdown(final, teacher, _split(args.stage), _stage_settings(args.stage))
     if args.markdown:
         Path(args.markdown).write_text(table)
     print(table)

@@ -434,3 +434,13 @@ def test_protocol_report_reads_sweep_runs_and_pairs_by_seed(tmp_path):
     assert kd_row.endswith("| -0.83 [-1.55, -0.12] (n=3) |  |")
     test_table = proto.markdown(final, teacher, "test")
     assert "Δ vs atf" not in test_table and "Δ vs kd" in test_table
+
+
+def test_protocol_report_names_the_overrides_of_screen_and_confirmation_rows():
+    # The screen and the confirmation write into one folder, so either stage's table must name both sweeps' rows.
+    proto = _protocol()
+    val = proto._stage_settings("validation")
+    assert val == proto._stage_settings("confirm")
+    assert val["atf_ln_pi"] == "name atf, logit_norm layernorm, temperature 4.0"  # screen only
+    assert val["atf_scope_all_every2"] == "name atf, teacher_scope all, teacher_every 2"  # confirmation only
+    assert "atf_ln_pi" not in proto._stage_settings("test")
