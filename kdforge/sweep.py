@@ -17,7 +17,8 @@ Every run gets a deterministic directory: ``<out>/<dataset>/<teacher>_<student>/
 distills, ``<out>/<dataset>/<student>/<label>/seed<k>`` for one that trains without a teacher (so pairs sharing a
 student share its baseline) and ``<out>/<dataset>/teachers/<teacher>`` for a teacher the sweep trains. A directory
 with ``summary.json`` is finished and skipped, one with ``last.pt`` but no summary is resumed, anything else
-(re)started. Teachers run first; the distillation runs then read them as checkpoints.
+(re)started. Teachers run first (beside them the runs that need no teacher); the distillation runs then read them
+as checkpoints.
 
 Runs execute one after another in this process by default; ``gpus=[0, 1]`` runs up to one run per GPU at once as
 ``python -m kdforge train|distill`` subprocesses with ``CUDA_VISIBLE_DEVICES`` set, each writing its own log;
@@ -370,27 +371,31 @@ def run_sweep(
     log: Callable[[str], None] = print,
     poll_s: float = 1.0,
 ) -> SweepResult:
-    """Run every unfinished run of ``plan``: teachers first, then the rest; returns what ran, skipped and failed.
+    """Run every unfinished run of ``plan``: teachers and the runs that need none first, then the distillation
+    runs; returns what ran, skipped and failed.
 
     Without ``gpus`` the runs execute one by one in this process; a run that fails with a kdforge error is recorded
     and the sweep goes on. With ``gpus`` they run as subprocesses, one per GPU at a time, with ``workers`` N at a
     time on the CPU (``launcher`` starts them; tests inject a fake one). Distillation runs start only after every
-    teacher finished.
+    teacher finished; a student trained alone may run beside a teacher.
     """
     slots = parallel_slots(gpus, workers)
     result = SweepResult()
-    for phase in (plan.teachers, plan.runs):
+    # Runs without a teacher (the student alone) share the first phase with the teachers: with one teacher and two
+    # workers the second worker would otherwise idle for the whole of the teacher's training.
+    independent = [r for r in plan.runs if r.command != "distill"]
+    distilled = [r for r in plan.runs if r.command == "distill"]
+    for phase in ([*plan.teachers, *independent], distilled):
         todo = []
         for run in phase:
             if run.state() == "done":
                 result.skipped.append(run.key)
             else:
                 todo.append(run)
-        if phase is plan.runs and any(t.key in result.failed for t in plan.teachers):
+        if phase is distilled and any(t.key in result.failed for t in plan.teachers):
             for run in todo:
-                if run.command == "distill":
-                    result.failed[run.key] = "not run: a teacher of the sweep failed"
-            todo = [r for r in todo if r.command != "distill"]
+                result.failed[run.key] = "not run: a teacher of the sweep failed"
+            todo = []
         if slots:
             _schedule(plan, todo, slots, launcher or launch_subprocess, result, log, poll_s)
             continue

@@ -240,6 +240,32 @@ def test_gpu_scheduler_with_fake_launcher(tmp_path):
     assert len(result.ran) == len(plan.all_runs) - 1
 
 
+@pytest.mark.parametrize("teacher_code", [0, 1])
+def test_students_alone_run_beside_the_teacher_and_distillation_waits_for_it(tmp_path, teacher_code):
+    plan = expand_sweep(_spec(tmp_path / "sweep", seeds=[0, 1, 2]))
+    teacher: list[FakeProcess] = []
+    launched: list[tuple[str, bool]] = []  # (command, was the teacher still running at the launch)
+
+    def launcher(argv: list[str], env: dict[str, str], log: Path) -> FakeProcess:
+        running = bool(teacher) and teacher[0].polls > 0
+        launched.append((argv[3], running))
+        proc = FakeProcess(polls=4 if not teacher else 1, code=teacher_code if not teacher else 0)
+        if not teacher:
+            teacher.append(proc)
+        return proc
+
+    result = run_sweep(plan, workers=2, launcher=launcher, log=lambda _: None, poll_s=0.0)
+    # the teacher first, the three students alone on the second worker while it trains
+    assert launched[:4] == [("train", False), ("train", True), ("train", True), ("train", True)]
+    assert all(not running for cmd, running in launched if cmd == "distill")
+    distill_keys = [r.key for r in plan.runs if r.command == "distill"]
+    if teacher_code == 0:
+        assert [cmd for cmd, _ in launched[4:]] == ["distill"] * 3 and not result.failed
+    else:  # a failed teacher: its distillation runs are marked failed unlaunched, the students alone still ran
+        assert len(launched) == 4 and sorted(result.failed) == sorted([plan.teachers[0].key, *distill_keys])
+        assert all(result.failed[k] == "not run: a teacher of the sweep failed" for k in distill_keys)
+
+
 def test_cpu_workers_share_the_cores_and_run_at_most_n_at_once(tmp_path):
     assert parallel_slots(None, 3, cpus=8) == {
         f"worker {i}": {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"} for i in range(3)
