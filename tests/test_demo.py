@@ -90,12 +90,12 @@ def test_demo_default_uses_the_shipped_teacher(tmp_path, capsys):
 
 
 def test_teacher_script_is_bit_for_bit_reproducible_on_a_short_run(tmp_path):
-    first = _train_script(tmp_path / "a" / "t.pt", "--epochs", "1", "--subset", "1000")
-    second = _train_script(tmp_path / "b" / "t.pt", "--epochs", "1", "--subset", "1000")
+    first = _train_script(tmp_path / "a" / "t.pt", "--epochs", "1", "--subset", "500")
+    second = _train_script(tmp_path / "b" / "t.pt", "--epochs", "1", "--subset", "500")
     assert first == second
     rec = json.loads((tmp_path / "a" / "t.json").read_text())
     assert rec["sha256"] == demo.sha256_file(tmp_path / "a" / "t.pt")
-    assert rec["epochs"] == 1 and rec["train_subset"] == 1000
+    assert rec["epochs"] == 1 and rec["train_subset"] == 500
     state = torch.load(tmp_path / "a" / "t.pt", weights_only=True)
     shipped = torch.load(demo.TEACHER_ASSET, weights_only=True)
     assert list(state) == list(shipped)  # same layout as the shipped asset
