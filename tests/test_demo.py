@@ -25,16 +25,22 @@ def _record() -> dict:
     return json.loads(demo.TEACHER_RECORD.read_text())
 
 
-def _train_script(out: Path, *args: str) -> bytes:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(out), "--quiet", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=1800,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return out.read_bytes()
+def _train_script(*outs: Path, args: tuple[str, ...] = ()) -> list[bytes]:
+    """Runs the script once per path in ``outs``, side by side (each is single-threaded), and returns the weights."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--out", str(out), "--quiet", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for out in outs
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=1800)
+        assert proc.returncode == 0, err[-2000:]
+    return [out.read_bytes() for out in outs]
 
 
 def test_shipped_teacher_loads_matches_its_sha256_and_recorded_accuracy():
@@ -90,8 +96,9 @@ def test_demo_default_uses_the_shipped_teacher(tmp_path, capsys):
 
 
 def test_teacher_script_is_bit_for_bit_reproducible_on_a_short_run(tmp_path):
-    first = _train_script(tmp_path / "a" / "t.pt", "--epochs", "1", "--subset", "500")
-    second = _train_script(tmp_path / "b" / "t.pt", "--epochs", "1", "--subset", "500")
+    first, second = _train_script(
+        tmp_path / "a" / "t.pt", tmp_path / "b" / "t.pt", args=("--epochs", "1", "--subset", "500")
+    )
     assert first == second
     rec = json.loads((tmp_path / "a" / "t.json").read_text())
     assert rec["sha256"] == demo.sha256_file(tmp_path / "a" / "t.pt")
@@ -108,4 +115,4 @@ def test_teacher_script_reproduces_the_shipped_weights(tmp_path):
     record = _record()
     if record["torch"] != torch.__version__:
         pytest.skip(f"the asset was written by torch {record['torch']}; bit-for-bit holds for that version only")
-    assert _train_script(tmp_path / "t.pt") == demo.TEACHER_ASSET.read_bytes()
+    assert _train_script(tmp_path / "t.pt") == [demo.TEACHER_ASSET.read_bytes()]
