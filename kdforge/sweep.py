@@ -17,8 +17,8 @@ Every run gets a deterministic directory: ``<out>/<dataset>/<teacher>_<student>/
 distills, ``<out>/<dataset>/<student>/<label>/seed<k>`` for one that trains without a teacher (so pairs sharing a
 student share its baseline) and ``<out>/<dataset>/teachers/<teacher>`` for a teacher the sweep trains. A directory
 with ``summary.json`` is finished and skipped, one with ``last.pt`` but no summary is resumed, anything else
-(re)started. Teachers run first (beside them the runs that need no teacher); the distillation runs then read them
-as checkpoints.
+(re)started. Teachers run first (beside them the runs that need no teacher); each distillation run starts once its own
+teacher has finished and reads it as a checkpoint.
 
 Runs execute one after another in this process by default; ``gpus=[0, 1]`` runs up to one run per GPU at once as
 ``python -m kdforge train|distill`` subprocesses with ``CUDA_VISIBLE_DEVICES`` set, each writing its own log;
@@ -63,6 +63,7 @@ class PlannedRun:
     command: Literal["train", "distill"]
     config: RunConfig
     role: Literal["teacher", "run"] = "run"
+    after: tuple[str, ...] = ()  # keys of the sweep's teacher runs it distils from: it starts once they are done
 
     def state(self) -> State:
         """``done`` (summary.json exists), ``resume`` (last.pt without summary) or ``new``."""
@@ -178,6 +179,7 @@ def expand_sweep(spec: Mapping[str, Any], *, root: str | Path | None = None, whe
 
     plan = SweepPlan(out=out)
     teacher_ckpt: dict[str, str] = {}
+    teacher_run: dict[str, str] = {}  # teacher model -> key of the run that trains it here
     for teacher in dict.fromkeys(p[0] for p in pairs):
         if teacher not in teachers_spec:
             raise ConfigError(
@@ -200,6 +202,7 @@ def expand_sweep(spec: Mapping[str, Any], *, root: str | Path | None = None, whe
         run.out = out / run.key
         plan.teachers.append(run)
         teacher_ckpt[teacher] = str(run.out)
+        teacher_run[teacher] = run.key
     unused = [t for t in teachers_spec if t not in teacher_ckpt]
     if unused:
         raise ConfigError(f"{where}: teachers lists {', '.join(unused)}, which no pair uses")
@@ -228,7 +231,8 @@ def expand_sweep(spec: Mapping[str, Any], *, root: str | Path | None = None, whe
                     continue
                 seen.add(key)
                 command: Literal["train", "distill"] = "distill" if distills else "train"
-                plan.runs.append(PlannedRun(key, out / key, command, _build(data, key, command)))
+                after = (teacher_run[teacher],) if distills and teacher in teacher_run else ()
+                plan.runs.append(PlannedRun(key, out / key, command, _build(data, key, command), after=after))
     return plan
 
 
@@ -299,7 +303,8 @@ def _schedule(
     poll_s: float,
 ) -> None:
     """Run ``runs`` as subprocesses, at most one per slot at a time (a slot: a name like ``GPU 0`` and the environment
-    variables its runs get), handing a freed slot to the next run."""
+    variables its runs get), handing a freed slot to the first queued run whose teachers are done (a distillation
+    run starts as soon as its own teacher has finished, beside another teacher still training)."""
     queue = list(runs)
     active: dict[str, tuple[PlannedRun, Process, Path]] = {}
     # SIGTERM/SIGINT: passed on to the running runs, which finish their step and write last.pt; nothing new starts,
@@ -314,13 +319,17 @@ def _schedule(
                 for _, proc, _ in active.values():
                     proc.send_signal(getattr(signal, stop.signal_name or "SIGTERM"))
             for slot, extra_env in slots.items():
-                if slot not in active and queue:
-                    run = queue.pop(0)
+                run = None if slot in active else _next_ready(queue, result)
+                if run is not None:
                     env = {**os.environ, **extra_env}
                     log_path = plan.out / SWEEP_DIR / "logs" / f"{_slug(run.key)}.log"
                     argv = _subprocess_argv(plan, run)
                     log(f"start {run.key} on {slot} (log {log_path})")
                     active[slot] = (run, launcher(argv, env, log_path), log_path)
+            if queue and not active:  # every slot free and none of the rest can start: a teacher that never ran
+                for run in queue:
+                    result.failed[run.key] = "not run: its teacher " + ", ".join(run.after) + " did not finish"
+                queue.clear()
             for slot, (run, proc, log_path) in list(active.items()):
                 code = proc.poll()
                 if code is None:
@@ -343,6 +352,20 @@ def _schedule(
             f"sweep stopped by {stop.signal_name}: the runs it had started wrote last.pt; run the same kdforge sweep "
             "again to resume them"
         )
+
+
+def _next_ready(queue: list[PlannedRun], result: SweepResult) -> PlannedRun | None:
+    """Pops the first run of ``queue`` whose teacher runs are done (run or skipped as done), marking on the way the
+    runs whose teacher failed as failed unlaunched; ``None`` when none can start yet."""
+    done = {*result.ran, *result.skipped}
+    for run in list(queue):
+        if any(key in result.failed for key in run.after):
+            queue.remove(run)
+            result.failed[run.key] = "not run: a teacher of the sweep failed"
+        elif all(key in done for key in run.after):
+            queue.remove(run)
+            return run
+    return None
 
 
 def parallel_slots(
@@ -376,40 +399,40 @@ def run_sweep(
 
     Without ``gpus`` the runs execute one by one in this process; a run that fails with a kdforge error is recorded
     and the sweep goes on. With ``gpus`` they run as subprocesses, one per GPU at a time, with ``workers`` N at a
-    time on the CPU (``launcher`` starts them; tests inject a fake one). Distillation runs start only after every
-    teacher finished; a student trained alone may run beside a teacher.
+    time on the CPU (``launcher`` starts them; tests inject a fake one). A distillation run starts once its own
+    teacher has finished; a run without a teacher (the student alone) may run beside a teacher. A failed teacher's
+    distillation runs are recorded as failed without being started.
     """
     slots = parallel_slots(gpus, workers)
     result = SweepResult()
-    # Runs without a teacher (the student alone) share the first phase with the teachers: with one teacher and two
-    # workers the second worker would otherwise idle for the whole of the teacher's training.
+    # Queue order: teachers, then the runs that need none (with one teacher and two workers the second worker would
+    # otherwise idle for the whole of the teacher's training), then the distillation runs, each waiting for its
+    # teacher.
     independent = [r for r in plan.runs if r.command != "distill"]
     distilled = [r for r in plan.runs if r.command == "distill"]
-    for phase in ([*plan.teachers, *independent], distilled):
-        todo = []
-        for run in phase:
-            if run.state() == "done":
-                result.skipped.append(run.key)
-            else:
-                todo.append(run)
-        if phase is distilled and any(t.key in result.failed for t in plan.teachers):
-            for run in todo:
-                result.failed[run.key] = "not run: a teacher of the sweep failed"
-            todo = []
-        if slots:
-            _schedule(plan, todo, slots, launcher or launch_subprocess, result, log, poll_s)
+    todo = []
+    for run in [*plan.teachers, *independent, *distilled]:
+        if run.state() == "done":
+            result.skipped.append(run.key)
+        else:
+            todo.append(run)
+    if slots:
+        _schedule(plan, todo, slots, launcher or launch_subprocess, result, log, poll_s)
+        return result
+    for i, run in enumerate(todo, 1):
+        if any(key in result.failed for key in run.after):
+            result.failed[run.key] = "not run: a teacher of the sweep failed"
             continue
-        for i, run in enumerate(todo, 1):
-            log(f"[{i}/{len(todo)}] {run.state():6s} {run.key}")
-            try:
-                _run_in_process(run)
-            except TrainingInterrupted:
-                raise  # SIGTERM/SIGINT stops the whole sweep; the run's last.pt lets the next sweep resume it
-            except KDForgeError as err:
-                result.failed[run.key] = str(err)
-                log(f"FAIL  {run.key}: {err}")
-            else:
-                result.ran.append(run.key)
+        log(f"[{i}/{len(todo)}] {run.state():6s} {run.key}")
+        try:
+            _run_in_process(run)
+        except TrainingInterrupted:
+            raise  # SIGTERM/SIGINT stops the whole sweep; the run's last.pt lets the next sweep resume it
+        except KDForgeError as err:
+            result.failed[run.key] = str(err)
+            log(f"FAIL  {run.key}: {err}")
+        else:
+            result.ran.append(run.key)
     return result
 
 

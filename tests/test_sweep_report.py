@@ -266,6 +266,43 @@ def test_students_alone_run_beside_the_teacher_and_distillation_waits_for_it(tmp
         assert all(result.failed[k] == "not run: a teacher of the sweep failed" for k in distill_keys)
 
 
+@pytest.mark.parametrize("slow_code", [0, 1])
+def test_a_distillation_run_starts_when_its_own_teacher_is_done(tmp_path, slow_code):
+    """Two teachers, one fast and one slow: the fast one's distillation runs take the freed worker while the slow
+    one still trains, and the slow one's wait for it (or, when it fails, are recorded failed unlaunched)."""
+    spec = _spec(
+        tmp_path / "sweep",
+        teachers={"resnet14": {}, "resnet20": {}},
+        pairs=[["resnet14", "resnet8"], ["resnet20", "resnet8"]],
+        methods={"kd": {"method.temperature": 2.0}},
+    )
+    plan = expand_sweep(spec)
+    assert [r.after for r in plan.runs] == [("embedded/teachers/resnet14",)] * 2 + [("embedded/teachers/resnet20",)] * 2
+    slow: list[FakeProcess] = []
+    launched: list[tuple[str, bool]] = []  # (log name, was the slow teacher still running at the launch)
+
+    def launcher(argv: list[str], env: dict[str, str], log: Path) -> FakeProcess:
+        launched.append((log.stem, bool(slow) and slow[0].polls > 0))
+        if log.stem.endswith("teachers__resnet20"):
+            slow.append(FakeProcess(polls=20, code=slow_code))
+            return slow[0]
+        return FakeProcess(polls=2, code=0)
+
+    result = run_sweep(plan, workers=2, launcher=launcher, log=lambda _: None, poll_s=0.0)
+    names = [name for name, _ in launched]
+    assert names[:2] == ["embedded__teachers__resnet14", "embedded__teachers__resnet20"]
+    # both resnet14 runs start (one after the other on the freed worker) while resnet20 still trains
+    assert launched[2:4] == [(f"embedded__resnet14_resnet8__kd__seed{s}", True) for s in (0, 1)]
+    late = [(name, running) for name, running in launched if "resnet20_resnet8" in name]
+    if slow_code == 0:
+        assert late == [(f"embedded__resnet20_resnet8__kd__seed{s}", False) for s in (0, 1)] and not result.failed
+    else:
+        assert late == [] and len(result.ran) == 3
+        assert {k: v for k, v in result.failed.items() if "kd/" in k} == {
+            f"embedded/resnet20_resnet8/kd/seed{s}": "not run: a teacher of the sweep failed" for s in (0, 1)
+        }
+
+
 def test_cpu_workers_share_the_cores_and_run_at_most_n_at_once(tmp_path):
     assert parallel_slots(None, 3, cpus=8) == {
         f"worker {i}": {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"} for i in range(3)
