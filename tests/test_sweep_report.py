@@ -20,7 +20,7 @@ from kdforge.cli import main
 from kdforge.config import load_config
 from kdforge.errors import ConfigError
 from kdforge.report.published import PUBLISHED, lookup
-from kdforge.report.table import BEGIN, END, build_groups, replace_section, scan_runs, write_report
+from kdforge.report.table import BEGIN, END, build_groups, markdown_table, replace_section, scan_runs, write_report
 from kdforge.sweep import SWEEP_DIR, expand_sweep, launch_subprocess, parallel_slots, run_sweep
 
 FAST = {
@@ -463,6 +463,32 @@ def fake_runs(tmp_path) -> Path:
     (root / "broken").mkdir()  # no summary.json: not a finished run, ignored
     (root / "broken" / "config.yaml").write_text("model: {name: resnet8}\n")
     return root
+
+
+def test_a_primary_metric_in_fractions_gets_four_decimals(tmp_path):
+    """COCO AP is a fraction: at two decimals the student alone (0.1257) and LD (0.1235) would both read 0.12."""
+    root = tmp_path / "runs"
+
+    def det_run(name: str, value: float, **kw: Any) -> Path:
+        run = _fake_run(root, name, model=kw.pop("model", "gfl_resnet8"), best=value, final=value, **kw)
+        summary = {k: v for k, v in json.loads((run / "summary.json").read_text()).items() if "top1" not in k}
+        summary.update(primary="AP", best_AP=value, final_AP=value)
+        (run / "summary.json").write_text(json.dumps(summary))
+        return run
+
+    t = det_run("teacher", 0.2038, model="gfl_resnet20", method={"name": "vanilla"})
+    alone, ld = [0.1275, 0.1302, 0.1194], [0.1235, 0.1250]
+    for seed, v in enumerate(alone):
+        det_run(f"alone{seed}", v, method={"name": "vanilla"}, seed=seed)
+    for seed, v in enumerate(ld):
+        det_run(f"ld{seed}", v, method={"name": "ld"}, teacher="gfl_resnet20", teacher_dir=t, seed=seed)
+    (group,) = build_groups(scan_runs(root))
+    table = markdown_table(group)
+    assert "| gfl_resnet20 (teacher) | vanilla | 1 | 0.2038 | 0.2038 |" in table
+    a = f"{np.mean(alone):.4f} ± {np.std(alone, ddof=1):.4f}"
+    b = f"{np.mean(ld):.4f} ± {np.std(ld, ddof=1):.4f}"
+    assert f"| gfl_resnet8 | student alone | 3 | {a} | {a} |" in table
+    assert f"| gfl_resnet8 | LD | 2 | {b} | {b} | {np.mean(ld) - np.mean(alone):+.4f} |" in table
 
 
 def test_report_aggregation_golden(fake_runs):

@@ -470,15 +470,18 @@ def markdown_table(group: Group) -> str:
     at = header.index(f"final {group.metric}") + 1
     header = header[:at] + [f"final {m}" for m in others] + header[at:]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    # A primary metric in [0, 1] (COCO AP, retrieval mAP) needs four decimals, like SSIM below: at two, AP 0.1275 and
+    # 0.1302 both read 0.13. Percentages (top-1, mIoU) keep two.
+    digits = 4 if all(abs(s.mean) <= 1 for row in group.rows for s in (row.best, row.final)) else 2
     for row in group.rows:
-        gain = f"{row.gain_best.mean:+.2f}" if row.gain_best is not None else ""
+        gain = f"{row.gain_best.mean:+.{digits}f}" if row.gain_best is not None else ""
         minutes = f"{row.time_s / 60:.1f} min" if row.time_s is not None else ""
         cells = [
             row.network,
             row.label,
             str(row.best.n),
-            row.best.format(),
-            row.final.format(),
+            row.best.format(digits),
+            row.final.format(digits),
             # a metric in [0, 1] (SSIM) needs more than two decimals to show its differences
             *(row.secondary[m].format(4 if abs(row.secondary[m].mean) < 1 else 2) for m in others),
             gain,
