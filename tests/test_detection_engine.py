@@ -289,7 +289,14 @@ def test_train_distill_resume_and_eval_a_detector(tmp_path: Path, capsys) -> Non
     b = torch.load(tmp_path / "b" / "student.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
     losses = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert any("ld" in k for k in losses), losses
+    # every part logged once under its own name: the task's (already "loss_"-prefixed) and LD's two terms
+    assert {k for k in losses if k.startswith("loss")} == {
+        "loss_qfl",
+        "loss_giou",
+        "loss_dfl",
+        "loss_ld",
+        "loss_ld_vlr",
+    }
 
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(tmp_path / "a")]) == 0

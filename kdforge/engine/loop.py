@@ -549,7 +549,10 @@ def _end_epoch(run: _Run, state: RunState, epoch: int, sums: EpochSums, totals: 
         distributed.broadcast_buffers(run.method, run.method.ddp_ignored_state())
     means = totals.means
     record: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, "lr": run.optimizer.param_groups[0]["lr"]}
-    record.update({f"train_{k}" if k == "loss" else f"loss_{k}": v for k, v in means.items()})
+    # the task's parts already carry the prefix (a detector's "loss_qfl"): logged once, not as "loss_loss_qfl"
+    record.update(
+        {f"train_{k}" if k == "loss" else k if k.startswith("loss_") else f"loss_{k}": v for k, v in means.items()}
+    )
     if sums.has_accuracy:
         record["train_top1"] = 100.0 * totals.correct / max(totals.seen, 1)
     record["epoch_time_s"] = epoch_time
