@@ -419,11 +419,9 @@ def run_sweep(
     if slots:
         _schedule(plan, todo, slots, launcher or launch_subprocess, result, log, poll_s)
         return result
-    for i, run in enumerate(todo, 1):
-        if any(key in result.failed for key in run.after):
-            result.failed[run.key] = "not run: a teacher of the sweep failed"
-            continue
-        log(f"[{i}/{len(todo)}] {run.state():6s} {run.key}")
+    total = len(todo)
+    while (run := _next_ready(todo, result)) is not None:  # one after another, teachers first: each is ready in turn
+        log(f"[{total - len(todo)}/{total}] {run.state():6s} {run.key}")
         try:
             _run_in_process(run)
         except TrainingInterrupted:
