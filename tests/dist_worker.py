@@ -236,7 +236,7 @@ def _detector_ddp(
     n = len(images)
     common = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
     # Half the training images: three steps per rank still carry gradients, buffers and every method's state
-    # through the all-reduce, and these two are the costliest DDP checks of make test.
+    # through the all-reduce, and these are among the costliest DDP checks of make test.
     n_train = N_TRAIN // 2
 
     def part(sl: slice) -> dict:
