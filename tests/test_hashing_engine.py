@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ from kdforge.losses.hashing import (
 )
 from kdforge.methods import Progress, create_method
 from kdforge.models.dense.hashing import binary_codes
-from kdforge.ops.retrieval import mean_average_precision
+from kdforge.ops.retrieval import evaluate_retrieval, mean_average_precision, precision_recall_by_radius
 from kdforge.registry import TASKS
 from kdforge.tasks.base import EVALUATED_SPLIT
 
@@ -72,6 +73,25 @@ def test_evaluate_encodes_the_database_and_matches_a_direct_computation():
     want = mean_average_precision(_codes(net, qi), _codes(net, di), ql, dl, 20)
     assert got["map"] == pytest.approx(want, abs=1e-12) and got["map@20"] == got["map"]
     assert 0.0 < got["map"] <= 1.0 and "map_teacher_db" not in got  # a bare network has no teacher
+
+
+def test_task_pr_curve_adds_precision_and_recall_at_every_radius_to_the_evaluation():
+    torch.manual_seed(0)
+    net = _task().build_model("hash_resnet8")
+    plain, got = (
+        evaluate(net, _loaders(), task=_task(topk=20)),
+        evaluate(net, _loaders(), task=_task(topk=20, pr_curve=True)),
+    )
+    assert not any(k.startswith("pr_") for k in plain) and got["map"] == plain["map"]
+    qi, ql = _images(23, 0)
+    di, dl = _images(61, 1)
+    precision, recall = precision_recall_by_radius(evaluate_retrieval(_codes(net, qi), _codes(net, di), ql, dl, 20))
+    assert len(precision) == 17  # radii 0..16 of 16-bit codes
+    for r in range(17):
+        assert got[f"pr_recall@{r}"] == pytest.approx(float(recall[r]), abs=1e-12)
+        p = float(precision[r])
+        assert (math.isnan(got[f"pr_precision@{r}"]) and math.isnan(p)) or got[f"pr_precision@{r}"] == pytest.approx(p)
+    assert got["pr_recall@16"] == pytest.approx(1.0)  # radius b retrieves the whole database
 
 
 def test_a_method_with_a_teacher_also_reports_student_queries_against_the_teacher_database():

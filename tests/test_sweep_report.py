@@ -491,6 +491,52 @@ def test_a_primary_metric_in_fractions_gets_four_decimals(tmp_path):
     assert f"| gfl_resnet8 | LD | 2 | {b} | {b} | {np.mean(ld) - np.mean(alone):+.4f} |" in table
 
 
+def test_hashing_runs_with_precision_recall_records_get_a_seed_averaged_plot(tmp_path, monkeypatch):
+    """task.pr_curve records precision/recall per Hamming radius; the report averages them over each row's seeds
+    (a radius where one seed retrieves nothing, NaN, takes the other seeds' value) and plots one line per row."""
+    import kdforge.report.retrieval_pictures as pictures
+
+    root = tmp_path / "runs"
+
+    def hash_run(name: str, prs: list[tuple[float, float, float]], recs: list[float], **kw: Any) -> Path:
+        run = _fake_run(root, name, model=kw.pop("model", "hash_resnet8"), best=0.3, final=0.3, **kw)
+        summary = {k: v for k, v in json.loads((run / "summary.json").read_text()).items() if "top1" not in k}
+        (run / "summary.json").write_text(json.dumps({**summary, "primary": "map", "best_map": 0.3, "final_map": 0.3}))
+        # an earlier evaluation with other values: only the last one counts
+        early = {"epoch": 1, "test_map": 0.1} | {f"test_pr_precision@{r}": 0.0 for r in range(3)}
+        last = {"epoch": 3, "test_map": 0.3}
+        for r in range(3):
+            early[f"test_pr_recall@{r}"] = 0.0
+            last[f"test_pr_precision@{r}"], last[f"test_pr_recall@{r}"] = prs[r], recs[r]
+        (run / "metrics.jsonl").write_text(json.dumps(early) + "\n" + json.dumps(last) + "\n")
+        return run
+
+    t = hash_run("teacher", [0.9, 0.8, 0.1], [0.1, 0.5, 1.0], model="hash_resnet20", method={"name": "vanilla"})
+    nan = float("nan")
+    hash_run("alone0", [0.6, 0.5, 0.1], [0.0, 0.4, 1.0], method={"name": "vanilla"})
+    hash_run("alone1", [nan, 0.3, 0.1], [0.2, 0.6, 1.0], method={"name": "vanilla"}, seed=1)
+    hash_run("brcd0", [0.7, 0.6, 0.1], [0.1, 0.5, 1.0], method={"name": "brcd"}, teacher="hash_resnet20",
+             teacher_dir=t)  # fmt: skip
+    _fake_run(root, "other/teacher", model="resnet20", method={"name": "vanilla"}, best=60, final=60)  # no PR records
+    drawn: dict[str, Any] = {}
+    real = pictures.plot_precision_recall
+
+    def spy(curves, path, **kw):
+        drawn[Path(path).name] = {k: (p.tolist(), r.tolist()) for k, (p, r) in curves.items()}
+        return real(curves, path, **kw)
+
+    monkeypatch.setattr(pictures, "plot_precision_recall", spy)
+    report = write_report(root, tmp_path / "report", command="kdforge report runs")
+    (name,) = drawn
+    assert name.endswith("_pr.png") and (tmp_path / "report" / name) in report.plots
+    curves = drawn[name]
+    assert list(curves) == ["teacher hash_resnet20", "student alone", "BRCD"]
+    assert curves["teacher hash_resnet20"] == ([0.9, 0.8, 0.1], [0.1, 0.5, 1.0])
+    (p, r) = curves["student alone"]
+    assert p == pytest.approx([0.6, 0.4, 0.1]) and r == pytest.approx([0.1, 0.5, 1.0])
+    assert f"({name})" in report.markdown.read_text()
+
+
 def test_report_aggregation_golden(fake_runs):
     groups = build_groups(scan_runs(fake_runs))
     assert [(g.dataset, g.teacher, g.student) for g in groups] == [

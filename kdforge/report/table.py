@@ -114,6 +114,8 @@ class RunRecord:
     summary: dict[str, Any]
     curve: list[tuple[float, float]]
     env: dict[str, Any]
+    #: hashing runs evaluated with ``task.pr_curve``: precision and recall per Hamming radius at the last evaluation
+    pr_curve: tuple[list[float], list[float]] | None = None
 
     @property
     def primary(self) -> str:
@@ -167,23 +169,36 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _read_curve(path: Path, primary: str = "top1") -> list[tuple[float, float]]:
-    """``(epoch, test_<primary>)`` of every evaluated epoch in a ``metrics.jsonl``."""
-    key = f"test_{primary}"
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (none when it is missing)."""
     if not path.is_file():
         return []
-    points = []
+    records = []
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             continue  # a line cut by a crash; the rest of the file is still good
-        if key in record:
-            points.append((float(record["epoch"]), float(record[key])))
+    return records
+
+
+def _read_curve(records: Sequence[Mapping[str, Any]], primary: str = "top1") -> list[tuple[float, float]]:
+    """``(epoch, test_<primary>)`` of every evaluated epoch among a ``metrics.jsonl``'s records."""
+    key = f"test_{primary}"
+    points = [(float(r["epoch"]), float(r[key])) for r in records if key in r]
     # A resumed run may have logged an epoch twice (crash after the log line, before the checkpoint): keep the last.
     return sorted(dict(points).items())
+
+
+def _read_pr_curve(records: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[float]] | None:
+    """Precision and recall at Hamming radius 0, 1, ... from the last record holding them (``task.pr_curve``)."""
+    last = next((r for r in reversed(records) if "test_pr_precision@0" in r), None)
+    if last is None:
+        return None
+    radii = range(sum(1 for k in last if k.startswith("test_pr_precision@")))
+    return [float(last[f"test_pr_precision@{i}"]) for i in radii], [float(last[f"test_pr_recall@{i}"]) for i in radii]
 
 
 def scan_runs(root: str | Path) -> list[RunRecord]:
@@ -203,8 +218,9 @@ def scan_runs(root: str | Path) -> list[RunRecord]:
             raise KDForgeError(f"{run_dir}: unreadable summary.json or config.yaml ({err})") from None
         env_path = run_dir / "env.json"
         env = json.loads(env_path.read_text()) if env_path.is_file() else {}
-        curve = _read_curve(run_dir / "metrics.jsonl", str(summary.get("primary", "top1")))
-        records.append(RunRecord(run_dir.resolve(), config, summary, curve, env))
+        lines = _read_records(run_dir / "metrics.jsonl")
+        curve = _read_curve(lines, str(summary.get("primary", "top1")))
+        records.append(RunRecord(run_dir.resolve(), config, summary, curve, env, _read_pr_curve(lines)))
     if not records:
         raise KDForgeError(f"no run directories (summary.json + config.yaml) under {root}")
     return records
@@ -640,7 +656,8 @@ class Report:
 
 
 def group_plots(group: Group, out_dir: Path) -> list[Path]:
-    """Accuracy-per-epoch curves (seed bands) and the gains bar chart of one group."""
+    """Accuracy-per-epoch curves (seed bands) and the gains bar chart of one group; for hashing runs evaluated with
+    ``task.pr_curve``, the precision–recall curves of their last evaluation, one line per row."""
     from kdforge.report.plots import plot_gains, plot_seed_curves
 
     curves = {
@@ -666,7 +683,30 @@ def group_plots(group: Group, out_dir: Path) -> list[Path]:
                 ylabel=f"gain in best {metric} over the student alone (points)",
             )
         )
+    pr_curves = _mean_pr_curves(group)
+    if pr_curves:
+        from kdforge.report.retrieval_pictures import plot_precision_recall
+
+        title = f"{group_title(group)}: Hamming-ball retrieval, last evaluation"
+        paths.append(plot_precision_recall(pr_curves, out_dir / f"{group.slug}_pr.png", title=title))
     return paths
+
+
+def _mean_pr_curves(group: Group) -> dict[str, tuple[Any, Any]]:
+    """Row label → (precision, recall) per Hamming radius, averaged over the row's seeds (runs with a curve)."""
+    import torch
+
+    curves = {}
+    for row in group.rows:
+        runs = [r.pr_curve for r in row.runs if r.pr_curve is not None]
+        if not runs:
+            continue
+        precision = torch.tensor([p for p, _ in runs], dtype=torch.float64)
+        recall = torch.tensor([r for _, r in runs], dtype=torch.float64)
+        # a radius where one seed retrieves nothing (NaN precision) takes the other seeds' mean
+        label = f"teacher {group.teacher}" if row.role == "teacher" else row.label
+        curves[label] = (precision.nanmean(0), recall.nanmean(0))
+    return curves
 
 
 def render_block(

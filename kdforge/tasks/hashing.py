@@ -213,6 +213,9 @@ class HashingTask(Task):
         freeze_backbone: train only the hash head (CIBHash and BRCD freeze their pretrained backbones).
         teacher_database: in a distillation run, also report ``map_teacher_db`` (student queries against the
             teacher's database codes; one teacher pass over the database per evaluation).
+        pr_curve: also record precision and recall at every Hamming radius in each evaluation
+            (``test_pr_precision@r``, ``test_pr_recall@r`` in ``metrics.jsonl``; ``kdforge report`` plots them).
+            Free: the ranking already counts the database items at each distance.
     """
 
     name: ClassVar[str] = "hashing"
@@ -228,6 +231,7 @@ class HashingTask(Task):
         hidden: int | None = None,
         freeze_backbone: bool = False,
         teacher_database: bool = True,
+        pr_curve: bool = False,
     ) -> None:
         if bits not in SUPPORTED_BITS:
             raise ConfigError(f"task.bits must be one of {SUPPORTED_BITS}, got {bits}")
@@ -244,6 +248,7 @@ class HashingTask(Task):
         self.hidden = hidden
         self.freeze_backbone = freeze_backbone
         self.teacher_database = teacher_database
+        self.pr_curve = pr_curve
 
     @classmethod
     def model_names(cls) -> list[str]:
@@ -285,7 +290,9 @@ class HashingTask(Task):
         return BinaryHashExport(model)
 
     def evaluator(self) -> HashingEvaluator:
-        return HashingEvaluator(topk=self.topk, teacher_database=self.teacher_database, bits=self.bits)
+        return HashingEvaluator(
+            topk=self.topk, pr_curve=self.pr_curve, teacher_database=self.teacher_database, bits=self.bits
+        )
 
 
 __all__ = ["SUPPORTED_BITS", "VIEW_CHANNELS", "HashingEvaluator", "HashingTask", "split_views"]
