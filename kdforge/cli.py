@@ -246,9 +246,11 @@ def _eval_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        # The task's metrics in its evaluator's order; per-class entries ("IoU.cat") stay in --json.
+        # The task's metrics in its evaluator's order; per-class entries ("IoU.cat") and a hashing run's
+        # per-radius precision-recall points ("pr_recall@3") stay in --json.
         head = ["checkpoint", "model", "dataset", "params"]
-        print(format_table([result], head + [k for k in result if k not in head and "." not in k]))
+        shown = [k for k in result if k not in head and "." not in k and not k.startswith("pr_")]
+        print(format_table([result], head + shown))
     if args.pictures is not None:
         from kdforge.api import pictures_of
 

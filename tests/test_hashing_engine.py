@@ -388,7 +388,8 @@ def test_a_short_distillation_run_reports_both_maps_and_kdforge_eval_prints_map(
 
     data = {"name": "cifar10_hash", "batch_size": 32, "eval_batch_size": 128, "train_subset": 96, "test_subset": 20}
     train = {"epochs": 2, "progress": False, "seed": 0, "device": "cpu"}
-    common = {"task": {"name": "hashing", "bits": 16, "topk": 50}, "data": data, "train": train}
+    task = {"name": "hashing", "bits": 16, "topk": 50, "pr_curve": True}
+    common = {"task": task, "data": data, "train": train}
     teacher = run(
         config_from_dict({**common, "model": {"name": "hash_resnet8"}, "method": {"name": "vanilla"}}),
         "train",
@@ -404,6 +405,7 @@ def test_a_short_distillation_run_reports_both_maps_and_kdforge_eval_prints_map(
     result = run(config_from_dict(cfg), "distill", tmp_path / "s")
     last = result.history[-1]
     assert 0 < last["test_map"] <= 1 and 0 < last["test_map_teacher_db"] <= 1
+    assert last["test_pr_recall@16"] == pytest.approx(1.0)  # task.pr_curve: radius b retrieves everything
     from kdforge.engine.checkpoint import load_checkpoint
 
     assert int(load_checkpoint(tmp_path / "s" / "last.pt")["method"]["k"]) == 4  # clustered at epoch 2's start
@@ -413,13 +415,15 @@ def test_a_short_distillation_run_reports_both_maps_and_kdforge_eval_prints_map(
     assert main(["eval", "--checkpoint", str(tmp_path / "s"), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["map"] == pytest.approx(last["test_map"])  # student.pt holds the last epoch's weights
+    assert printed["pr_precision@0"] == pytest.approx(last["test_pr_precision@0"], nan_ok=True)
     assert (
         main(
             ["eval", "--checkpoint", str(tmp_path / "s"), "--pictures", "3", "--pictures-out", str(tmp_path / "r.png")]
         )
         == 0
     )
-    assert "map" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "map" in table and "pr_recall" not in table  # 2 x 17 curve points stay in --json
     assert Image.open(tmp_path / "r.png").size[1] > 3 * 32  # three query rows
 
 
