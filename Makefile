@@ -8,6 +8,9 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH_INDEX ?=
 PIP_FLAGS := $(if $(HAS_GPU),,-c constraints/cpu.txt) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): one per core of the project's 2-core CI; TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal)
 
 .PHONY: setup demo test test-all lint format bench clean
 
@@ -29,13 +32,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check kdforge tests scripts
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -m "not heavy" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not heavy" $(XDIST) $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pip install -q $(PIP_FLAGS) -e ".[dev,onnx]"
 	$(BIN)/ruff check kdforge tests scripts
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/kdforge bench

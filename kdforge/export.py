@@ -253,10 +253,11 @@ def _quiet() -> Iterator[None]:
 
 
 def _flat(outputs: Any) -> torch.Tensor:
-    """One ``[B, K]`` tensor of a network's outputs: a tensor as it is, nested tuples/lists of per-level maps (a
-    detector's heads) flattened per sample and concatenated in order, so an export is compared output by output."""
+    """One ``[B, K]`` tensor of a network's outputs, each sample's values in order: a tensor flattened per sample,
+    nested tuples/lists (a detector's per-level maps; ONNX Runtime's list of outputs) flattened and concatenated, so
+    an export is compared output by output whatever container its runtime returns."""
     if isinstance(outputs, torch.Tensor):
-        return outputs
+        return outputs.flatten(1) if outputs.ndim > 2 else outputs
     return torch.cat([_flat(o).flatten(1) for o in outputs], dim=1)
 
 
