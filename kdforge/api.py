@@ -31,9 +31,10 @@ from kdforge.engine.evaluation import collect_logits, evaluate
 from kdforge.engine.loop import FitResult
 from kdforge.errors import CheckpointError, ConfigError
 from kdforge.methods import Method, create_method, instantiate_method
+from kdforge.methods.params import method_defaults
 from kdforge.models import count_parameters, create_model, load_weights
 from kdforge.models.attention_sampled import AttentionSampledNet
-from kdforge.registry import TASKS
+from kdforge.registry import METHODS, TASKS
 from kdforge.report.attention_pictures import attention_rows, plot_attention
 from kdforge.report.classification import ClassificationReport, classification_report, write_classification_report
 from kdforge.report.detection_pictures import detection_pictures
@@ -226,6 +227,15 @@ def _build(cfg: RunConfig, device: torch.device) -> tuple[Method, DataBundle]:
 AUTO_RUN_DIR = "<auto>"
 
 
+def with_method_defaults(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with every settable parameter of its method named, the constructor's defaults filled in where the
+    config is silent: a run directory's ``config.yaml`` then still describes the run after a default changes (and
+    the report shows the values that produced the numbers)."""
+    cls = METHODS.get(cfg.method.name)
+    params = {**method_defaults(cls), **cfg.method.params}
+    return replace(cfg, method=replace(cfg.method, params=params))
+
+
 def with_class_count(cfg: RunConfig, num_classes: int) -> RunConfig:
     """``cfg`` as the run directory saves it: ``model.num_classes`` (and the teacher's) filled in from the data when
     unset, so that ``kdforge export``/``profile`` of the run need not open its dataset (a COCO or DOTA folder's class
@@ -285,7 +295,7 @@ def run(
         optim=cfg.optim,
         schedule=cfg.schedule,
         out_dir=out_dir,
-        config=with_class_count(cfg, data.num_classes),
+        config=with_method_defaults(with_class_count(cfg, data.num_classes)),
         resume=resume,
         force=force,
         device=device,

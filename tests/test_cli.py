@@ -10,8 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from kdforge.cli import main
+from kdforge.config import load_config
+from kdforge.methods.params import method_defaults
+from kdforge.registry import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = [
@@ -85,6 +89,10 @@ def test_train_distill_eval_end_to_end(tmp_path, capsys):
     )
     assert code == 0, err
     assert "teacher resnet8: test top-1" in out
+    # config.yaml names every method parameter, the defaults too: the run stays described if a default changes
+    saved = yaml.safe_load((student / "config.yaml").read_text())["method"]
+    assert saved == {"name": "kd", **method_defaults(METHODS.get("kd")), "temperature": 2.0}
+    assert len(saved) > 2 and load_config(student / "config.yaml").method.params["temperature"] == 2.0
     summary = json.loads((student / "summary.json").read_text())
     assert summary["method"] == "kd" and "teacher_top1" in summary
 
