@@ -136,7 +136,7 @@ def test_report_plots_are_labelled_with_the_primary_metric(
     monkeypatch.setattr(plots, "plot_gains", gains)
     write_report(seg_runs, tmp_path / "report", command="kdforge report runs")
     assert seen["curves_label"] == "test mIoU (%)"
-    assert seen["gains_label"] == "gain in best mIoU over the student alone (points)"
+    assert seen["gains_label"] == "best mIoU minus the student alone's (points)"
     assert seen["curves"]["CWD"] == [_test_curve(seg_runs / f"cwd{s}", "test_mIoU") for s in (0, 1)]
     assert seen["curves"]["teacher fcn_resnet8"] == [_test_curve(seg_runs / "teacher", "test_mIoU")]
 

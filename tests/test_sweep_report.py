@@ -20,7 +20,16 @@ from kdforge.cli import main
 from kdforge.config import load_config
 from kdforge.errors import ConfigError
 from kdforge.report.published import PUBLISHED, lookup
-from kdforge.report.table import BEGIN, END, build_groups, markdown_table, replace_section, scan_runs, write_report
+from kdforge.report.table import (
+    BEGIN,
+    END,
+    build_groups,
+    markdown_table,
+    plot_units,
+    replace_section,
+    scan_runs,
+    write_report,
+)
 from kdforge.sweep import SWEEP_DIR, expand_sweep, launch_subprocess, parallel_slots, run_sweep
 
 FAST = {
@@ -535,6 +544,12 @@ def test_hashing_runs_with_precision_recall_records_get_a_seed_averaged_plot(tmp
     (p, r) = curves["student alone"]
     assert p == pytest.approx([0.6, 0.4, 0.1]) and r == pytest.approx([0.1, 0.5, 1.0])
     assert f"({name})" in report.markdown.read_text()
+
+
+def test_plot_axes_name_each_metric_in_its_own_unit():
+    assert plot_units("top1") == ("%", "points") and plot_units("mIoU") == ("%", "points")
+    assert plot_units("psnr") == ("dB", "dB")
+    assert plot_units("AP") == plot_units("mAP50") == plot_units("map") == ("", "")  # fractions: no "%"
 
 
 def test_report_aggregation_golden(fake_runs):

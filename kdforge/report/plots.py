@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,8 @@ def plot_gains(
     colors = ["tab:blue" if v >= 0 else "tab:red" for v in values]
     ax.bar(range(len(labels)), values, yerr=errors, capsize=4, color=colors)
     ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    # a row label that names its differing setting ("LD (method.temperature=10.0)") on two lines, not one long one
+    ax.set_xticks(range(len(labels)), [textwrap.fill(k, 26) for k in labels], rotation=30, ha="right")
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)

@@ -488,7 +488,7 @@ def markdown_table(group: Group) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     # A primary metric in [0, 1] (COCO AP, retrieval mAP) needs four decimals, like SSIM below: at two, AP 0.1275 and
     # 0.1302 both read 0.13. Percentages (top-1, mIoU) keep two.
-    digits = 4 if all(abs(s.mean) <= 1 for row in group.rows for s in (row.best, row.final)) else 2
+    digits = 4 if _in_fractions(group) else 2
     for row in group.rows:
         gain = f"{row.gain_best.mean:+.{digits}f}" if row.gain_best is not None else ""
         minutes = f"{row.time_s / 60:.1f} min" if row.time_s is not None else ""
@@ -655,6 +655,23 @@ class Report:
     block: str  # the Markdown body (no top-level heading), for inserting into another document
 
 
+def _in_fractions(group: Group) -> bool:
+    """Whether the group's primary metric is a fraction in [0, 1] (AP, mAP) rather than a percentage or decibels."""
+    return all(abs(s.mean) <= 1 for row in group.rows for s in (row.best, row.final))
+
+
+#: primary metrics the tasks report in percent (the others are fractions in [0, 1], or PSNR in dB)
+PERCENT_METRICS = ("top1", "top5", "mIoU", "mAcc", "aAcc")
+
+
+def plot_units(primary: str) -> tuple[str, str]:
+    """The unit of a primary metric on a plot axis and of a difference of it: ``("%", "points")`` for percentages,
+    ``("dB", "dB")`` for PSNR, none for fractions (COCO AP, DOTA mAP, retrieval mAP)."""
+    if primary == "psnr":
+        return "dB", "dB"
+    return ("%", "points") if primary in PERCENT_METRICS else ("", "")
+
+
 def group_plots(group: Group, out_dir: Path) -> list[Path]:
     """Accuracy-per-epoch curves (seed bands) and the gains bar chart of one group; for hashing runs evaluated with
     ``task.pr_curve``, the precision–recall curves of their last evaluation, one line per row."""
@@ -666,11 +683,9 @@ def group_plots(group: Group, out_dir: Path) -> list[Path]:
         if row.runs
     }
     metric = group.metric
-    paths = [
-        plot_seed_curves(
-            curves, out_dir / f"{group.slug}_curves.png", title=group_title(group), ylabel=f"test {metric} (%)"
-        )
-    ]
+    unit, diff_unit = plot_units(group.primary)
+    ylabel = f"test {metric} ({unit})" if unit else f"test {metric}"
+    paths = [plot_seed_curves(curves, out_dir / f"{group.slug}_curves.png", title=group_title(group), ylabel=ylabel)]
     gains = {
         row.label: (row.gain_best.mean, row.gain_best.std or 0.0) for row in group.rows if row.gain_best is not None
     }
@@ -680,7 +695,7 @@ def group_plots(group: Group, out_dir: Path) -> list[Path]:
                 gains,
                 out_dir / f"{group.slug}_gains.png",
                 title=group_title(group),
-                ylabel=f"gain in best {metric} over the student alone (points)",
+                ylabel=f"best {metric} minus the student alone's" + (f" ({diff_unit})" if diff_unit else ""),
             )
         )
     pr_curves = _mean_pr_curves(group)
