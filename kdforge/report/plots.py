@@ -117,7 +117,8 @@ def plot_gains(
     labels = list(gains)
     values = [gains[k][0] for k in labels]
     errors = [gains[k][1] for k in labels]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(labels) + 2), 4.2), dpi=110)
+    # wide enough for a pair title such as "cifar10_lowlight: unet_enhancer_w32 → unet_enhancer_w8"
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.8 * len(labels) + 2), 4.2), dpi=110)
     colors = ["tab:blue" if v >= 0 else "tab:red" for v in values]
     ax.bar(range(len(labels)), values, yerr=errors, capsize=4, color=colors)
     ax.axhline(0.0, color="black", linewidth=0.8)
