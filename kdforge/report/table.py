@@ -488,7 +488,7 @@ def markdown_table(group: Group) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     # A primary metric in [0, 1] (COCO AP, retrieval mAP) needs four decimals, like SSIM below: at two, AP 0.1275 and
     # 0.1302 both read 0.13. Percentages (top-1, mIoU) keep two.
-    digits = 4 if _in_fractions(group) else 2
+    digits = 4 if all(abs(s.mean) <= 1 for row in group.rows for s in (row.best, row.final)) else 2
     for row in group.rows:
         gain = f"{row.gain_best.mean:+.{digits}f}" if row.gain_best is not None else ""
         minutes = f"{row.time_s / 60:.1f} min" if row.time_s is not None else ""
@@ -655,11 +655,6 @@ class Report:
     block: str  # the Markdown body (no top-level heading), for inserting into another document
 
 
-def _in_fractions(group: Group) -> bool:
-    """Whether the group's primary metric is a fraction in [0, 1] (AP, mAP) rather than a percentage or decibels."""
-    return all(abs(s.mean) <= 1 for row in group.rows for s in (row.best, row.final))
-
-
 #: primary metrics the tasks report in percent (the others are fractions in [0, 1], or PSNR in dB)
 PERCENT_METRICS = ("top1", "top5", "mIoU", "mAcc", "aAcc")
 
@@ -677,11 +672,7 @@ def group_plots(group: Group, out_dir: Path) -> list[Path]:
     ``task.pr_curve``, the precision–recall curves of their last evaluation, one line per row."""
     from kdforge.report.plots import plot_gains, plot_seed_curves
 
-    curves = {
-        (f"teacher {group.teacher}" if row.role == "teacher" else row.label): [r.curve for r in row.runs]
-        for row in group.rows
-        if row.runs
-    }
+    curves = {_plot_label(group, row): [r.curve for r in row.runs] for row in group.rows if row.runs}
     metric = group.metric
     unit, diff_unit = plot_units(group.primary)
     ylabel = f"test {metric} ({unit})" if unit else f"test {metric}"
@@ -719,9 +710,13 @@ def _mean_pr_curves(group: Group) -> dict[str, tuple[Any, Any]]:
         precision = torch.tensor([p for p, _ in runs], dtype=torch.float64)
         recall = torch.tensor([r for _, r in runs], dtype=torch.float64)
         # a radius where one seed retrieves nothing (NaN precision) takes the other seeds' mean
-        label = f"teacher {group.teacher}" if row.role == "teacher" else row.label
-        curves[label] = (precision.nanmean(0), recall.nanmean(0))
+        curves[_plot_label(group, row)] = (precision.nanmean(0), recall.nanmean(0))
     return curves
+
+
+def _plot_label(group: Group, row: Row) -> str:
+    """A row's legend entry: the teacher row names the teacher network, the others their table label."""
+    return f"teacher {group.teacher}" if row.role == "teacher" else row.label
 
 
 def render_block(
