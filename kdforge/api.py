@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -458,6 +459,16 @@ def detection_pictures_of(
     return detection_pictures(model, task, data.test, data.classes, data.mean, data.std, out_dir, count)
 
 
+def _picture_file(out: str | Path | None, default: Path) -> Path:
+    """Where a one-file picture goes: ``default`` without ``out``; inside ``out`` under the default's name when ``out``
+    is a folder (an existing one, or a path ending in a separator, made when written); else ``out`` itself."""
+    if out is None:
+        return default
+    if Path(out).is_dir() or str(out).endswith(("/", os.sep)):
+        return Path(out) / default.name
+    return Path(out)
+
+
 def retrieval_pictures_of(
     checkpoint: str | Path,
     count: int,
@@ -476,7 +487,7 @@ def retrieval_pictures_of(
     model, task, data, _, path, _, _ = _checkpoint_network(checkpoint, overrides)
     if task.name != "hashing":
         raise ConfigError(f"{path} is a {task.name} run, not a hashing run")
-    return retrieval_pictures(model, data.test, Path(out) if out else path.parent / "retrieval.png", count, k)
+    return retrieval_pictures(model, data.test, _picture_file(out, path.parent / "retrieval.png"), count, k)
 
 
 def mask_pictures(
@@ -536,7 +547,7 @@ def mask_pictures(
             valid = gt != task.ignore_index
             if valid.any():
                 captions[(i, name)] = f"pixel acc {100.0 * float((pred[valid] == gt[valid]).mean()):.1f}%"
-    target = Path(out) if out is not None else path.parent / "masks.png"
+    target = _picture_file(out, path.parent / "masks.png")
     return write_mask_grid(
         images,
         {**maps, "ground truth": truth},
@@ -585,7 +596,7 @@ def enhancement_pictures_of(
     teacher_net = _teacher_network(teacher, saved_teacher, task, data.num_classes, device)
     alone = _teacher_network(baseline, None, task, data.num_classes, device) if baseline is not None else None
     low, clean = _first_test_batch(data, count, device)
-    target = Path(out) if out is not None else path.parent / "enhanced.png"
+    target = _picture_file(out, path.parent / "enhanced.png")
     return enhancement_pictures(
         model, teacher_net[0] if teacher_net else None, low, clean, target, baseline=alone[0] if alone else None
     )
@@ -610,7 +621,7 @@ def attention_pictures_of(
     generator = torch.Generator(device=device).manual_seed(0)
     rows = attention_rows(model, images, generator)
     titles = [f"{data.classes[int(y)]}" if data.classes else str(int(y)) for y in labels.tolist()]
-    target = Path(out) if out is not None else path.parent / "attention.png"
+    target = _picture_file(out, path.parent / "attention.png")
     return plot_attention(rows, data.mean, data.std, target, titles=titles)
 
 
@@ -658,7 +669,8 @@ def pictures_of(
         if teacher is not None:
             raise ConfigError("--teacher is not drawn in retrieval pictures (the student's own ranking is)")
         png = retrieval_pictures_of(checkpoint, count, out=out, overrides=overrides)
-        return [png], f"{png} ({count} queries, each with its top 10 database images; green frame = same label)"
+        queries = "1 query" if count == 1 else f"{count} queries"
+        return [png], f"{png} ({queries}, each with its top 10 database images; green frame = same label)"
     raise ConfigError(f"--pictures has no picture for {task_name} runs yet; drop --pictures")
 
 

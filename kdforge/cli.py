@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--pictures-out",
-        metavar="FILE",
-        help="where --pictures go (default: the run dir; detection: <run dir>/pictures/)",
+        metavar="PATH",
+        help="where --pictures go: a PNG, or a folder to hold it under its usual name (default: the run dir; "
+        "detection: one PNG per image in <run dir>/pictures/)",
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.name=resnet8 data.name=cifar10")
     p = sub.add_parser("predict", help="a trained classifier on a folder or list of images, to a CSV")

@@ -240,3 +240,14 @@ def test_config_with_a_key_given_twice_is_refused(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1
     assert f"{path}: key 'method' is given twice, at lines 2 and 4" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_pictures_out_names_a_file_or_a_folder_for_it(tmp_path: Path) -> None:
+    from kdforge.api import _picture_file
+
+    default = tmp_path / "run" / "attention.png"
+    assert _picture_file(None, default) == default
+    assert _picture_file(tmp_path / "mine.png", default) == tmp_path / "mine.png"
+    assert _picture_file(tmp_path, default) == tmp_path / "attention.png"  # an existing folder
+    assert _picture_file(f"{tmp_path}/new/", default) == tmp_path / "new" / "attention.png"  # a folder to make
+    assert _picture_file(tmp_path / "new", default) == tmp_path / "new"  # neither: a file of that name

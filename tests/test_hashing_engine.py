@@ -425,6 +425,12 @@ def test_a_short_distillation_run_reports_both_maps_and_kdforge_eval_prints_map(
     table = capsys.readouterr().out
     assert "map" in table and "pr_recall" not in table  # 2 x 17 curve points stay in --json
     assert Image.open(tmp_path / "r.png").size[1] > 3 * 32  # three query rows
+    (tmp_path / "pics").mkdir()  # a folder holds the picture under its usual name
+    assert (
+        main(["eval", "--checkpoint", str(tmp_path / "s"), "--pictures", "1", "--pictures-out", str(tmp_path / "pics")])
+        == 0
+    )
+    assert Image.open(tmp_path / "pics" / "retrieval.png").size[1] < Image.open(tmp_path / "r.png").size[1]  # 1 row
 
 
 def test_export_writes_an_encoder_that_emits_the_binary_codes(tmp_path):
