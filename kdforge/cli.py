@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers", type=int, metavar="N", help="CPU: N runs at once as subprocesses, the cores shared among them"
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="T",
+        help="threads of each --workers run (default: the cores divided among them; lower it when the machine is busy)",
+    )
     p = sub.add_parser("report", help="Markdown/CSV tables and PNG plots from run directories")
     p.add_argument("runs_dir", metavar="RUNS_DIR", help="folder searched for run directories")
     p.add_argument("--out", metavar="DIR", help="where report.md, report.csv and the PNGs go (default RUNS_DIR/report)")
@@ -453,7 +459,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else []
     if args.gpus is not None and not gpus:
         raise ConfigError(f"--gpus must list GPU ids like 0,1, got {args.gpus!r}")
-    parallel_slots(gpus, args.workers)  # bad --workers fails before anything is written
+    parallel_slots(gpus, args.workers, threads=args.threads)  # bad --workers/--threads fail before anything is written
     plan = load_sweep(args.file)
     print(plan_summary(plan))
     if args.dry_run:
@@ -461,8 +467,9 @@ def _sweep_command(args: argparse.Namespace) -> int:
         return 0
     command = f"kdforge sweep {args.file}" + (f" --gpus {','.join(gpus)}" if gpus else "")
     command += f" --workers {args.workers}" if args.workers else ""
+    command += f" --threads {args.threads}" if args.threads else ""
     atomic_write_text(plan.out / SWEEP_DIR / "command.txt", command + "\n")  # read back by `kdforge report`
-    result = run_sweep(plan, gpus=gpus or None, workers=args.workers)
+    result = run_sweep(plan, gpus=gpus or None, workers=args.workers, threads=args.threads)
     print(f"sweep {plan.out}: {len(result.ran)} ran, {len(result.skipped)} already done, {len(result.failed)} failed")
     if result.failed:
         key, why = next(iter(result.failed.items()))

@@ -23,7 +23,8 @@ teacher has finished and reads it as a checkpoint.
 Runs execute one after another in this process by default; ``gpus=[0, 1]`` runs up to one run per GPU at once as
 ``python -m kdforge train|distill`` subprocesses with ``CUDA_VISIBLE_DEVICES`` set, each writing its own log;
 ``workers=N`` runs up to N at once on a CPU machine, each with ``OMP_NUM_THREADS`` = its share of the cores (small
-models scale badly over threads: two one-thread runs on two cores finish sooner than two two-thread runs in turn).
+models scale badly over threads: two one-thread runs on two cores finish sooner than two two-thread runs in turn), or
+``threads`` each when other jobs share the machine.
 """
 
 from __future__ import annotations
@@ -369,19 +370,25 @@ def _next_ready(queue: list[PlannedRun], result: SweepResult) -> PlannedRun | No
 
 
 def parallel_slots(
-    gpus: Sequence[str] | None, workers: int | None, cpus: int | None = None
+    gpus: Sequence[str] | None, workers: int | None, cpus: int | None = None, threads: int | None = None
 ) -> dict[str, dict[str, str]]:
     """The subprocess slots of ``--gpus`` (one per GPU id) or ``--workers N`` (N CPU runs, each with
-    ``OMP_NUM_THREADS`` = ``cpus // N``, at least 1); ``{}`` for neither (runs in this process)."""
+    ``OMP_NUM_THREADS`` = ``threads``, by default ``cpus // N``, at least 1); ``{}`` for neither (runs in this
+    process)."""
     if gpus and workers:
         raise ConfigError("give --gpus or --workers, not both: --gpus already runs one run per GPU at a time")
+    if threads is not None and not workers:
+        raise ConfigError("--threads sets the threads of each --workers run: give --workers N with it")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
     if gpus:
         return {f"GPU {g}": {"CUDA_VISIBLE_DEVICES": str(g)} for g in gpus}
     if workers is None:
         return {}
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
-    threads = max(1, (cpus or os.cpu_count() or 1) // workers)
+    # Split evenly by default; --threads when other jobs share the cores (more threads than cores makes OpenMP spin).
+    threads = threads or max(1, (cpus or os.cpu_count() or 1) // workers)
     return {f"worker {i}": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} for i in range(workers)}
 
 
@@ -390,6 +397,7 @@ def run_sweep(
     *,
     gpus: Sequence[str] | None = None,
     workers: int | None = None,
+    threads: int | None = None,
     launcher: Launcher | None = None,
     log: Callable[[str], None] = print,
     poll_s: float = 1.0,
@@ -399,11 +407,11 @@ def run_sweep(
 
     Without ``gpus`` the runs execute one by one in this process; a run that fails with a kdforge error is recorded
     and the sweep goes on. With ``gpus`` they run as subprocesses, one per GPU at a time, with ``workers`` N at a
-    time on the CPU (``launcher`` starts them; tests inject a fake one). A distillation run starts once its own
-    teacher has finished; a run without a teacher (the student alone) may run beside a teacher. A failed teacher's
-    distillation runs are recorded as failed without being started.
+    time on the CPU, each with ``threads`` threads (``launcher`` starts them; tests inject a fake one). A
+    distillation run starts once its own teacher has finished; a run without a teacher (the student alone) may run
+    beside a teacher. A failed teacher's distillation runs are recorded as failed without being started.
     """
-    slots = parallel_slots(gpus, workers)
+    slots = parallel_slots(gpus, workers, threads=threads)
     result = SweepResult()
     # Queue order: teachers, then the runs that need none (with one teacher and two workers the second worker would
     # otherwise idle for the whole of the teacher's training), then the distillation runs, each waiting for its

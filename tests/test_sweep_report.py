@@ -317,6 +317,11 @@ def test_cpu_workers_share_the_cores_and_run_at_most_n_at_once(tmp_path):
         f"worker {i}": {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"} for i in range(3)
     }
     assert parallel_slots(None, 4, cpus=2)["worker 3"]["OMP_NUM_THREADS"] == "1"  # never 0 threads
+    assert parallel_slots(None, 1, cpus=2, threads=1) == {"worker 0": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
+    with pytest.raises(ConfigError, match="give --workers N with it"):
+        parallel_slots(None, None, threads=1)
+    with pytest.raises(ConfigError, match="--threads must be at least 1"):
+        parallel_slots(None, 2, threads=0)
     assert parallel_slots(None, None) == {} and parallel_slots(["1"], None) == {"GPU 1": {"CUDA_VISIBLE_DEVICES": "1"}}
     with pytest.raises(ConfigError, match="not both"):
         parallel_slots(["0"], 2)
