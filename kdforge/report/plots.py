@@ -36,7 +36,7 @@ def plot_learning_curves(
         if title:
             ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+        ax.legend(loc="best")
         fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png")
@@ -100,7 +100,7 @@ def plot_seed_curves(
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)  # a fixed corner hid the end of a curve that finishes low (a weak student)
     fig.tight_layout()
     return _save(fig, path)
 
