@@ -173,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", metavar="FILE", help="also update section --section of this Markdown file")
     p.add_argument("--section", metavar="HEADING", help="the '## HEADING' section of --markdown to (re)write")
     p.add_argument("--runs-command", metavar="TEXT", help="the command that produced the runs, for the header")
+    p.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="METHOD",
+        help="also pair every method by seed against this method or row label (repeatable; the student alone always)",
+    )
     p = sub.add_parser("bench", help="training throughput of kdforge's path vs a RepDistiller-style reference loop")
     p.add_argument("--method", default="kd", help="a registered method (single-view)")
     p.add_argument("--teacher", default="resnet20", metavar="MODEL")
@@ -488,6 +495,7 @@ def _report_command(args: argparse.Namespace) -> int:
     parts = ["kdforge report", args.runs_dir]
     parts += [f"--out {args.out}"] if args.out else []
     parts += ["--no-plots"] if args.no_plots else []
+    parts += [f"--against '{name}'" for name in args.against]
     parts += [f"--markdown {args.markdown} --section '{args.section}'"] if args.markdown else []
     doc = Path(args.markdown) if args.markdown else None
     report = write_report(
@@ -497,6 +505,7 @@ def _report_command(args: argparse.Namespace) -> int:
         runs_command=args.runs_command,
         plots=not args.no_plots,
         link_base=doc.parent if doc else None,
+        against=args.against,
     )
     for group in report.groups:
         print(f"{group.dataset}: {group.teacher} -> {group.student}\n{markdown_table(group)}\n")

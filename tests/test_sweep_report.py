@@ -18,16 +18,18 @@ import yaml
 
 from kdforge.cli import main
 from kdforge.config import load_config
-from kdforge.errors import ConfigError
+from kdforge.errors import ConfigError, KDForgeError
 from kdforge.report.published import PUBLISHED, lookup
 from kdforge.report.table import (
     BEGIN,
     END,
     build_groups,
+    group_notes,
     markdown_table,
     plot_units,
     replace_section,
     scan_runs,
+    t_quantile_975,
     write_report,
 )
 from kdforge.sweep import SWEEP_DIR, expand_sweep, launch_subprocess, parallel_slots, run_sweep
@@ -685,3 +687,80 @@ def test_budget_names_a_teachers_own_share_of_the_training_set(tmp_path) -> None
     (t / "config.yaml").write_text(yaml.safe_dump(config))
     other = write_report(root, tmp_path / "other", command="kdforge report runs", plots=False).markdown.read_text()
     assert "teacher 20 epochs on 4,000 training images; each student run 5 epochs" in other
+
+
+def test_t_quantiles_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in range(1, 201):
+        assert t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-4), df
+    with pytest.raises(ValueError, match="degree of freedom"):
+        t_quantile_975(0)
+
+
+def _paired_runs(root: Path) -> None:
+    """Student alone, KD and BRCD-like runs of seeds 0-2 (BRCD also seed 3, which nothing else has)."""
+    t = _fake_run(root, "t", model="hash_resnet20", method={"name": "vanilla"}, best=0.3, final=0.3, dataset="h")
+    finals = {
+        "vanilla": [0.50, 0.52, 0.47],
+        "kd": [0.53, 0.535, 0.50],
+        "brcd": [0.54, 0.55, 0.51, 0.90],
+    }
+    for name, values in finals.items():
+        for seed, value in enumerate(values):
+            _fake_run(
+                root, f"{name}/seed{seed}", model="hash_resnet8", method={"name": name}, best=value, final=value,
+                dataset="h", seed=seed, **({} if name == "vanilla" else {"teacher": "hash_resnet20", "teacher_dir": t}),
+            )  # fmt: skip
+
+
+def test_paired_differences_by_seed_match_scipy_ttest_rel(tmp_path):
+    stats = pytest.importorskip("scipy.stats")
+    root = tmp_path / "runs"
+    _paired_runs(root)
+    (group,) = build_groups(scan_runs(root), against=["kd"])
+    (base, vs_alone), (kd_label, vs_kd) = group.paired
+    assert (base, kd_label) == ("student alone", "KD")
+    student, kd, brcd = [0.50, 0.52, 0.47], [0.53, 0.535, 0.50], [0.54, 0.55, 0.51]
+    expected = {
+        "KD": stats.ttest_rel(kd, student).confidence_interval(0.95),
+        "BRCD": stats.ttest_rel(brcd, student).confidence_interval(0.95),
+    }
+    assert [label for label, _ in vs_alone] == ["KD", "BRCD"]
+    for label, paired in vs_alone:
+        # seed 3 of BRCD has no student-alone partner and is left out
+        assert paired.seeds == [0, 1, 2]
+        assert paired.interval == pytest.approx((expected[label].low, expected[label].high), abs=1e-5)
+    assert vs_alone[0][1].mean == pytest.approx((0.03 + 0.015 + 0.03) / 3)
+    ((label, paired),) = vs_kd
+    ci = stats.ttest_rel(brcd, kd).confidence_interval(0.95)
+    assert label == "BRCD" and paired.interval == pytest.approx((ci.low, ci.high), abs=1e-5)
+    notes = "\n".join(group_notes(group))
+    assert "Paired by seed against student alone (final top-1, row minus student alone" in notes
+    assert f"KD {vs_alone[0][1].format(4)}" in notes and "Paired by seed against KD" in notes
+    assert vs_alone[0][1].format(4).endswith("(3 seeds)") and " [+" in vs_alone[0][1].format(4)
+
+
+def test_pairing_needs_unambiguous_seeds_and_a_known_against(tmp_path, capsys):
+    root = tmp_path / "runs"
+    _paired_runs(root)
+    # two student-alone runs of seed 1 (e.g. two sweeps in one folder): no pairing against that row
+    _fake_run(
+        root, "vanilla2/seed1", model="hash_resnet8", method={"name": "vanilla"}, best=0.6, final=0.6, dataset="h",
+        seed=1,
+    )  # fmt: skip
+    (group,) = build_groups(scan_runs(root))
+    assert group.paired == []
+    with pytest.raises(KDForgeError, match="--against crd: no method row"):
+        build_groups(scan_runs(root), against=["CRD"])
+    out = tmp_path / "rep"
+    assert main(["report", str(root), "--out", str(out), "--against", "crd"]) == 2
+    assert "--against crd" in capsys.readouterr().err and not out.exists()  # nothing half-written
+
+
+def test_fake_runs_pair_one_seed_without_an_interval(fake_runs):
+    rows = {label: p for base, pairs in build_groups(scan_runs(fake_runs))[1].paired for label, p in pairs}
+    assert rows["ATF"].seeds == [0] and rows["ATF"].interval is None and rows["ATF"].mean == pytest.approx(76 - 71)
+    assert rows["ATF"].format() == "+5.00 (1 seed)"
+    assert rows["KD (method.temperature=2.0)"].mean == pytest.approx(73 - 71)
+    # the three KD (T=4) runs were all written as seed 0: which pairs with which is unknown, so none is paired
+    assert "KD (method.temperature=4.0)" not in rows

@@ -247,6 +247,59 @@ class Stat:
         return f"{self.mean:.{digits}f}" if self.std is None else f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
 
 
+# Two-sided 95 % quantiles of Student's t (t_0.975) for 1 to 30 degrees of freedom; beyond, the Cornish-Fisher
+# expansion around the normal quantile is within 1e-4 of the exact value.
+_T975 = (
+    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
+)  # fmt: skip
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` ≥ 1 degrees of freedom (half-width factor of a 95 % interval)."""
+    if df < 1:
+        raise ValueError(f"a t quantile needs at least one degree of freedom, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+@dataclass
+class Paired:
+    """Differences of the final metric, row minus baseline, between runs of the same seed (``train.seed``): their
+    mean and two-sided 95 % t-interval (``None`` for one seed), over the seeds both rows finished.
+
+    Pairing removes what two runs of one seed share (data order, augmentation, and the initialisation when the
+    networks are the same), so it resolves differences that the seed spread of either row alone hides.
+    """
+
+    mean: float
+    interval: tuple[float, float] | None
+    seeds: list[int]
+
+    @classmethod
+    def of(cls, row: Mapping[int, float], base: Mapping[int, float]) -> Paired | None:
+        seeds = sorted(set(row) & set(base))
+        if not seeds:
+            return None
+        diffs = [row[s] - base[s] for s in seeds]
+        mean = statistics.mean(diffs)
+        if len(diffs) == 1:
+            return cls(mean, None, seeds)
+        half = t_quantile_975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        return cls(mean, (mean - half, mean + half), seeds)
+
+    def format(self, digits: int = 2) -> str:
+        """``+mean [low, high] (n seeds)``; ``+mean (1 seed)`` without an interval."""
+        text = f"{self.mean:+.{digits}f}"
+        if self.interval is not None:
+            text += f" [{self.interval[0]:+.{digits}f}, {self.interval[1]:+.{digits}f}]"
+        n = len(self.seeds)
+        return text + f" ({n} seed{'s' if n > 1 else ''})"
+
+
 @dataclass
 class Row:
     """One line of a table: the teacher, the student alone, or a method, aggregated over its runs."""
@@ -276,6 +329,8 @@ class Group:
     student: str
     rows: list[Row]
     primary: str = "top1"  # the metric of every number in the table
+    #: paired comparisons: (baseline row label, [(row label, difference)]), the student alone first
+    paired: list[tuple[str, list[tuple[str, Paired]]]] = field(default_factory=list)
 
     @property
     def metric(self) -> str:
@@ -300,6 +355,30 @@ def _summary_value(run: RunRecord, key: str) -> float:
         return float(run.summary[key])
     except KeyError:
         raise KDForgeError(f"{run.path}/summary.json has no {key!r}; is it a kdforge run directory?") from None
+
+
+def _final_by_seed(row: Row, primary: str) -> dict[int, float]:
+    """Seed → final value of a row's runs; empty when a seed is missing or repeats (no unambiguous pairing)."""
+    out: dict[int, float] = {}
+    for run in row.runs:
+        seed = run.config.get("train", {}).get("seed")
+        if not isinstance(seed, int) or seed in out:
+            return {}
+        out[seed] = _summary_value(run, f"final_{primary}")
+    return out
+
+
+def _paired_against(base: Row, rows: Sequence[Row], primary: str) -> list[tuple[str, Paired]]:
+    """Every method row (other than ``base``) paired by seed against ``base``, where they share a seed."""
+    reference = _final_by_seed(base, primary)
+    out = []
+    for row in rows:
+        if row is base or row.role != "method":
+            continue
+        paired = Paired.of(_final_by_seed(row, primary), reference)
+        if paired is not None:
+            out.append((row.label, paired))
+    return out
 
 
 def _row(role: str, method: str, label: str, runs: list[RunRecord], key: tuple[str, str, str, str]) -> Row:
@@ -382,9 +461,15 @@ def _same_budget(a: RunRecord, b: RunRecord) -> bool:
     )
 
 
-def build_groups(records: Iterable[RunRecord]) -> list[Group]:
-    """Group and aggregate runs into tables (see the module docstring for the rules)."""
+def build_groups(records: Iterable[RunRecord], against: Sequence[str] = ()) -> list[Group]:
+    """Group and aggregate runs into tables (see the module docstring for the rules).
+
+    Every method row is paired by seed against the student alone (:attr:`Group.paired`) and against the rows whose
+    method name or label is in ``against``; a name no group has is an error.
+    """
     records = list(records)
+    wanted = {name.lower() for name in against}
+    found: set[str] = set()
     by_path = {r.path: r for r in records}
     teacher_dirs = {r.teacher_checkpoint for r in records if r.teacher_checkpoint is not None}
     keys = sorted({(r.dataset, r.teacher, r.model, r.primary) for r in records if r.teacher is not None})
@@ -443,7 +528,20 @@ def build_groups(records: Iterable[RunRecord]) -> list[Group]:
                 std = math.sqrt(sum(s * s for s in stds)) if stds else None
                 row.gain_best = Stat(row.best.mean - base.best.mean, std, row.best.n)
                 row.gain_final = row.final.mean - base.final.mean
-        groups.append(Group(dataset, teacher, student, rows, primary))
+        group = Group(dataset, teacher, student, rows, primary)
+        references = baselines + [
+            r for r in rows if r.role == "method" and {r.method.lower(), r.label.lower()} & wanted
+        ]
+        for ref in references:
+            found |= {ref.method.lower(), ref.label.lower()} & wanted
+            comparisons = _paired_against(ref, rows, primary)
+            if comparisons:
+                group.paired.append((ref.label, comparisons))
+        groups.append(group)
+    missing = sorted(wanted - found)
+    if missing:
+        labels = sorted({r.label for g in groups for r in g.rows if r.role == "method"})
+        raise KDForgeError(f"--against {', '.join(missing)}: no method row has that name or label (rows: {labels})")
     return groups
 
 
@@ -479,6 +577,12 @@ def secondary_metrics(group: Group) -> list[str]:
     return [m for m in group.rows[0].secondary if all(m in row.secondary for row in group.rows)]
 
 
+def _digits(group: Group) -> int:
+    """Decimals of the group's primary metric: a metric in [0, 1] (COCO AP, retrieval mAP) needs four, like SSIM: at
+    two, AP 0.1275 and 0.1302 both read 0.13. Percentages (top-1, mIoU) keep two."""
+    return 4 if all(abs(s.mean) <= 1 for row in group.rows for s in (row.best, row.final)) else 2
+
+
 def markdown_table(group: Group) -> str:
     """The group's rows as a Markdown table (a dense task's other metrics in columns after the primary's)."""
     header = columns(group.primary)
@@ -486,9 +590,7 @@ def markdown_table(group: Group) -> str:
     at = header.index(f"final {group.metric}") + 1
     header = header[:at] + [f"final {m}" for m in others] + header[at:]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    # A primary metric in [0, 1] (COCO AP, retrieval mAP) needs four decimals, like SSIM below: at two, AP 0.1275 and
-    # 0.1302 both read 0.13. Percentages (top-1, mIoU) keep two.
-    digits = 4 if all(abs(s.mean) <= 1 for row in group.rows for s in (row.best, row.final)) else 2
+    digits = _digits(group)
     for row in group.rows:
         gain = f"{row.gain_best.mean:+.{digits}f}" if row.gain_best is not None else ""
         minutes = f"{row.time_s / 60:.1f} min" if row.time_s is not None else ""
@@ -520,6 +622,13 @@ def group_notes(group: Group) -> list[str]:
                 notes.append(f"{row.label}'s fine-tuned teacher ends at {stat.format()} % {metric}{base}.")
             else:
                 notes.append(f"{row.label}'s {name} network ends at {stat.format()} % {metric}.")
+    digits = _digits(group)
+    for base, comparisons in group.paired:
+        cells = "; ".join(f"{label} {paired.format(digits)}" for label, paired in comparisons)
+        notes.append(
+            f"Paired by seed against {base} (final {metric}, row minus {base}, mean over the seeds both finished, "
+            f"two-sided 95 % t-interval): {cells}."
+        )
     sources = {r.published.tag: r.published.source for r in group.rows if r.published}
     if sources:
         notes.append("Published: " + "; ".join(f"[{t}] {s}" for t, s in sorted(sources.items())) + ".")
@@ -786,15 +895,18 @@ def write_report(
     runs_command: str | None = None,
     plots: bool = True,
     link_base: Path | None = None,
+    against: Sequence[str] = (),
 ) -> Report:
     """Scan ``runs_dir`` and write ``report.md``, ``report.csv`` and (unless ``plots=False``) PNGs to ``out_dir``.
 
     ``runs_command`` (the command that produced the runs) defaults to the one a sweep records in
     ``<runs_dir>/_sweep/command.txt``. ``link_base`` is the folder image links in ``Report.block`` are relative to.
+    ``against``: method names or row labels that every other method row is also paired against (beside the
+    student alone; see :func:`build_groups`).
     """
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
     records = scan_runs(runs_dir)
-    groups = build_groups(records)
+    groups = build_groups(records, against)
     if not groups:
         raise KDForgeError(f"no distillation runs under {runs_dir}: a table needs runs that name a teacher")
     recorded = runs_dir / "_sweep" / "command.txt"
