@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from kdforge.data import balanced_subset
+from kdforge.report.table import t_quantile_975
 
 STUDENT_IMAGES = 20_000
 VALIDATION_IMAGES = 5_000
@@ -50,23 +51,6 @@ SWEEPS = {
     "test": Path("configs/sweeps/atf_test.yaml"),
 }
 BASELINES = ("kd", "dkd", "ls_kd")
-
-# Two-sided 95 % Student-t critical values t_{0.975, df}, df = 1..30 (standard tables).
-_T975 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-)  # fmt: skip
-
-
-def t_critical(df: int) -> float:
-    """``t_{0.975, df}``: the table for ``df ≤ 30``, else the Cornish–Fisher expansion around z = 1.95996."""
-    if df < 1:
-        raise ValueError(f"a t-interval needs at least 2 paired values (df >= 1), got df={df}")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
 @dataclass(frozen=True)
@@ -99,7 +83,7 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> Paired 
     if len(d) < 2:
         return Paired(mean, math.nan, math.nan, math.nan, len(d))
     sd = statistics.stdev(d)
-    half = t_critical(len(d) - 1) * sd / math.sqrt(len(d))
+    half = t_quantile_975(len(d) - 1) * sd / math.sqrt(len(d))
     return Paired(mean, sd, mean - half, mean + half, len(d))
 
 

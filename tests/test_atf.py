@@ -394,9 +394,7 @@ def test_validation_split_is_disjoint_balanced_and_keeps_the_students_images(tmp
 
 def test_paired_t_interval_matches_scipy():
     stats = pytest.importorskip("scipy.stats")
-    proto = _protocol()
-    for df in (1, 4, 9, 29, 30, 31, 60, 200):
-        assert proto.t_critical(df) == pytest.approx(stats.t.ppf(0.975, df), abs=2e-3)
+    proto = _protocol()  # its quantiles are the report's t_quantile_975, checked in test_sweep_report.py
     a = {0: 60.1, 1: 61.0, 2: 59.7, 3: 60.4, 4: 60.9, 7: 50.0}
     b = {0: 59.5, 1: 60.2, 2: 59.9, 3: 59.8, 4: 60.0, 8: 70.0}
     p = proto.paired_difference(a, b)  # seeds 7 and 8 have no partner and are left out
