@@ -406,6 +406,17 @@ def test_a_short_distillation_run_reports_both_maps_and_kdforge_eval_prints_map(
     last = result.history[-1]
     assert 0 < last["test_map"] <= 1 and 0 < last["test_map_teacher_db"] <= 1
     assert last["test_pr_recall@16"] == pytest.approx(1.0)  # task.pr_curve: radius b retrieves everything
+    # summary.json keeps the teacher-database mAP of a distillation run; a run without a teacher has none, and the
+    # report's table shows it in a column of its own, "—" where a row has none
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["final_map_teacher_db"] == last["test_map_teacher_db"]
+    assert "final_map_teacher_db" not in json.loads((tmp_path / "t" / "summary.json").read_text())
+    from kdforge.report.table import build_groups, markdown_table, scan_runs
+
+    (group,) = build_groups(scan_runs(tmp_path))
+    header, _, teacher_row, brcd_row = markdown_table(group).splitlines()
+    assert "| final map | final map_teacher_db |" in header
+    assert teacher_row.split(" | ")[5] == "—" and brcd_row.split(" | ")[5] == f"{last['test_map_teacher_db']:.4f}"
     from kdforge.engine.checkpoint import load_checkpoint
 
     assert int(load_checkpoint(tmp_path / "s" / "last.pt")["method"]["k"]) == 4  # clustered at epoch 2's start

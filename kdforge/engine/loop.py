@@ -683,6 +683,11 @@ def _finish(run: _Run, state: RunState) -> FitResult:
                 f"best_{primary}": best,
                 "best_epoch": result.best_epoch,
                 **{f"final_{m}": final_metrics.get(m, float("nan")) for m in _summary_metrics(run)},
+                **{
+                    f"final_{m}": final_metrics[m]
+                    for m in run.method.task.optional_summary_metrics
+                    if m in final_metrics
+                },
                 **{f"final_{k}": final[k] for k in sorted(state.extra_keys) if k in final},
                 "epochs": run.epochs,
                 "train_time_s": result.train_time_s,

@@ -571,16 +571,23 @@ def columns(primary: str = "top1") -> list[str]:
 
 
 def secondary_metrics(group: Group) -> list[str]:
-    """The other summary metrics every row of ``group`` has (in the first row's order)."""
-    if not group.rows:
-        return []
-    return [m for m in group.rows[0].secondary if all(m in row.secondary for row in group.rows)]
+    """The other summary metrics any row of ``group`` has, in the order the rows first name them; a row without one
+    (hashing's ``map_teacher_db`` needs a teacher, so the teacher and the student alone have none) shows "—"."""
+    names: dict[str, None] = {}
+    for row in group.rows:
+        names.update(dict.fromkeys(row.secondary))
+    return list(names)
 
 
 def _digits(group: Group) -> int:
     """Decimals of the group's primary metric: a metric in [0, 1] (COCO AP, retrieval mAP) needs four, like SSIM: at
     two, AP 0.1275 and 0.1302 both read 0.13. Percentages (top-1, mIoU) keep two."""
     return 4 if all(abs(s.mean) <= 1 for row in group.rows for s in (row.best, row.final)) else 2
+
+
+def _secondary_cell(stat: Stat | None) -> str:
+    # a metric in [0, 1] (SSIM, retrieval mAP) needs more than two decimals to show its differences
+    return "—" if stat is None else stat.format(4 if abs(stat.mean) < 1 else 2)
 
 
 def markdown_table(group: Group) -> str:
@@ -600,8 +607,7 @@ def markdown_table(group: Group) -> str:
             str(row.best.n),
             row.best.format(digits),
             row.final.format(digits),
-            # a metric in [0, 1] (SSIM) needs more than two decimals to show its differences
-            *(row.secondary[m].format(4 if abs(row.secondary[m].mean) < 1 else 2) for m in others),
+            *(_secondary_cell(row.secondary.get(m)) for m in others),
             gain,
             minutes,
             _published_cell(row),

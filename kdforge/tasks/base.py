@@ -96,6 +96,9 @@ class Task(abc.ABC):
     name: ClassVar[str]
     #: metrics written to ``summary.json`` as ``final_<name>`` (the primary one is always there as ``best_<name>``)
     summary_metrics: ClassVar[tuple[str, ...]] = ()
+    #: metrics written to ``summary.json`` as ``final_<name>`` only by the runs whose evaluator reports them (hashing:
+    #: ``map_teacher_db``, which needs a teacher)
+    optional_summary_metrics: ClassVar[tuple[str, ...]] = ()
     #: :meth:`build_model` takes ``pretrained`` (a zoo classifier's state dict for the backbone; ``model.pretrained``)
     takes_pretrained_backbone: ClassVar[bool] = False
 

@@ -220,6 +220,7 @@ class HashingTask(Task):
 
     name: ClassVar[str] = "hashing"
     summary_metrics: ClassVar[tuple[str, ...]] = ("map",)
+    optional_summary_metrics: ClassVar[tuple[str, ...]] = ("map_teacher_db",)
     takes_pretrained_backbone: ClassVar[bool] = True
 
     def __init__(
