@@ -195,8 +195,12 @@ def test_channels_last_step_matches_contiguous():
     ref, g_ref = _step(method, batch, torch.float32)
     out, g = _step(other, batch_cl, torch.float32)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    # Channels-last runs other oneDNN kernels, which sum in another order: on the CPU of earlier sessions the
+    # gradients agreed to 1e-4 per element; on an AVX2-only one (2026-11-29) a tensor differed by 0.4 % in norm and
+    # elements of a gradient that nearly cancels by up to 50 %. A layout bug (permuted channels, a wrong stride)
+    # differs by O(100 %), so each gradient tensor must agree to 2 % in norm.
     for a, b in zip(g, g_ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert (a - b).norm() <= 2e-2 * b.norm() + 1e-6, ((a - b).norm(), b.norm())
 
 
 @pytest.mark.slow
