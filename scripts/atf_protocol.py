@@ -26,18 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from kdforge.data import balanced_subset
-from kdforge.report.table import t_quantile_975
+from kdforge.report.table import Paired
 
 STUDENT_IMAGES = 20_000
 VALIDATION_IMAGES = 5_000
@@ -51,40 +49,6 @@ SWEEPS = {
     "test": Path("configs/sweeps/atf_test.yaml"),
 }
 BASELINES = ("kd", "dkd", "ls_kd")
-
-
-@dataclass(frozen=True)
-class Paired:
-    """The paired difference ``a − b`` over the seeds both have: mean, sample std, 95 % t-interval, seed count."""
-
-    mean: float
-    std: float
-    low: float
-    high: float
-    n: int
-
-    @property
-    def excludes_zero(self) -> bool:
-        return self.n >= 2 and (self.low > 0 or self.high < 0)
-
-    def format(self) -> str:
-        if self.n < 2:
-            return f"{self.mean:+.2f} (n={self.n}, no interval)"
-        return f"{self.mean:+.2f} [{self.low:+.2f}, {self.high:+.2f}] (n={self.n})"
-
-
-def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> Paired | None:
-    """``a − b`` paired by seed; ``None`` when they share no seed."""
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return None
-    d = [a[s] - b[s] for s in seeds]
-    mean = statistics.fmean(d)
-    if len(d) < 2:
-        return Paired(mean, math.nan, math.nan, math.nan, len(d))
-    sd = statistics.stdev(d)
-    half = t_quantile_975(len(d) - 1) * sd / math.sqrt(len(d))
-    return Paired(mean, sd, mean - half, mean + half, len(d))
 
 
 # ---- the validation split ----------------------------------------------------------------------------------------
@@ -201,7 +165,7 @@ def markdown(
         t = teacher.get(label, {})
         cells.append(_mean_std([t[s] for s in sorted(t)]) if t else "")
         for b in baselines:
-            p = paired_difference(runs, final[b]) if label != b else None
+            p = Paired.of(runs, final[b]) if label != b else None
             cells.append(p.format() if p is not None else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -397,13 +397,13 @@ def test_paired_t_interval_matches_scipy():
     proto = _protocol()  # its quantiles are the report's t_quantile_975, checked in test_sweep_report.py
     a = {0: 60.1, 1: 61.0, 2: 59.7, 3: 60.4, 4: 60.9, 7: 50.0}
     b = {0: 59.5, 1: 60.2, 2: 59.9, 3: 59.8, 4: 60.0, 8: 70.0}
-    p = proto.paired_difference(a, b)  # seeds 7 and 8 have no partner and are left out
+    p = proto.Paired.of(a, b)  # seeds 7 and 8 have no partner and are left out
     d = np.array([0.6, 0.8, -0.2, 0.6, 0.9])
     lo, hi = stats.t.interval(0.95, 4, loc=d.mean(), scale=d.std(ddof=1) / np.sqrt(5))
-    assert p.n == 5 and p.mean == pytest.approx(d.mean())
-    assert (p.low, p.high) == pytest.approx((lo, hi), abs=1e-3)
-    assert p.excludes_zero == (lo > 0 or hi < 0)
-    assert proto.paired_difference(a, {9: 1.0}) is None
+    assert p.seeds == [0, 1, 2, 3, 4] and p.mean == pytest.approx(d.mean())
+    assert p.interval == pytest.approx((lo, hi), abs=1e-3)
+    assert p.format() == f"{d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}] (5 seeds)"
+    assert proto.Paired.of(a, {9: 1.0}) is None
 
 
 def test_protocol_report_reads_sweep_runs_and_pairs_by_seed(tmp_path):
@@ -427,9 +427,9 @@ def test_protocol_report_reads_sweep_runs_and_pairs_by_seed(tmp_path):
     row = next(line for line in table.splitlines() if line.startswith("| atf "))
     # Differences 1.0, 0.5, 1.0: mean 0.833, sd 0.289, half-width t(0.975, 2)·sd/√3 = 4.303·0.1667 = 0.717.
     # on the validation split every row is also compared with atf (the provisional defaults): its own cell is empty
-    assert row == "| atf | alpha 0.5 | 0,1,2 | 60.83 ± 0.76 | 71.00 ± 1.00 |  | +0.83 [+0.12, +1.55] (n=3) |"
+    assert row == "| atf | alpha 0.5 | 0,1,2 | 60.83 ± 0.76 | 71.00 ± 1.00 |  | +0.83 [+0.12, +1.55] (3 seeds) |"
     kd_row = next(line for line in table.splitlines() if line.startswith("| kd "))
-    assert kd_row.endswith("| -0.83 [-1.55, -0.12] (n=3) |  |")
+    assert kd_row.endswith("| -0.83 [-1.55, -0.12] (3 seeds) |  |")
     test_table = proto.markdown(final, teacher, "test")
     assert "Δ vs atf" not in test_table and "Δ vs kd" in test_table
 
