@@ -689,6 +689,27 @@ def test_budget_names_a_teachers_own_share_of_the_training_set(tmp_path) -> None
     assert "teacher 20 epochs on 4,000 training images; each student run 5 epochs" in other
 
 
+def test_budget_states_the_split_a_retrieval_protocol_defines(tmp_path) -> None:
+    # cifar10_hash trains on 5,000 images whatever train_subset says (that cuts its database), so "the full training
+    # set" would misstate the budget; its registry entry names the protocol instead.
+    root = tmp_path / "runs"
+    t = _fake_run(
+        root, "t", model="hash_resnet20", method={"name": "vanilla"}, best=0.3, final=0.3, dataset="cifar10_hash"
+    )
+    _fake_run(
+        root, "kd", model="hash_resnet8", method={"name": "code_kd"}, best=0.2, final=0.2, dataset="cifar10_hash",
+        teacher="hash_resnet20", teacher_dir=t,
+    )  # fmt: skip
+    text = write_report(root, tmp_path / "rep", command="kdforge report runs", plots=False).markdown.read_text()
+    assert "Budget: protocol (a): 500 training images per class, half the test set as queries" in text
+    assert "full training set" not in text
+    config = yaml.safe_load((root / "kd" / "config.yaml").read_text())
+    config["data"]["train_subset"] = 20000
+    (root / "kd" / "config.yaml").write_text(yaml.safe_dump(config))
+    text = write_report(root, tmp_path / "rep2", command="kdforge report runs", plots=False).markdown.read_text()
+    assert "database; data.train_subset 20,000; teacher 240 epochs with no data.train_subset;" in text
+
+
 def test_t_quantiles_match_scipy():
     stats = pytest.importorskip("scipy.stats")
     for df in range(1, 201):

@@ -558,6 +558,7 @@ def _cifar_pool(root: str | None, download: bool, train_subset: int | None) -> t
 @DATASETS.register(
     "cifar10_hash", kind="task", task="hashing", num_classes=10, image_size=32,
     description="retrieval, BRCD's protocol: 500 train imgs/class, test split 1/2 val + 1/2 queries, db = train set",
+    split="protocol (a): 500 training images per class, half the test set as queries, the training set as database",
 )  # fmt: skip
 def _cifar10_hash(req: DataRequest) -> DataBundle:
     """Protocol (a), :func:`brcd_cifar_split` (dataset seed 0, the same for every run): the hasher trains on 500
@@ -582,6 +583,7 @@ def _cifar10_hash(req: DataRequest) -> DataBundle:
 @DATASETS.register(
     "cifar10_hash_sup", kind="task", task="hashing", num_classes=10, image_size=32,
     description="retrieval, supervised-hashing protocol: 100 queries/class, 500 train imgs/class, db = the rest",
+    split="protocol (b): 500 training images and 100 test-set queries per class, every other image as database",
 )  # fmt: skip
 def _cifar10_hash_sup(req: DataRequest) -> DataBundle:
     """Protocol (b), :func:`supervised_cifar_split` (dataset seed 0): training and test images pooled, 100 queries

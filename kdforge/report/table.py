@@ -31,8 +31,10 @@ from typing import Any
 
 import yaml
 
+import kdforge.data  # noqa: F401  (registers the datasets whose entries describe_budget reads)
 from kdforge.engine.checkpoint import atomic_write_text
 from kdforge.errors import KDForgeError
+from kdforge.registry import DATASETS
 from kdforge.report.published import Published, lookup
 
 # Display names in table order: the logit family first, then feature/relation/contrastive methods (the order of
@@ -676,6 +678,25 @@ AUGMENTATION = {
 }
 
 
+def _own_split(data: Mapping[str, Any]) -> str | None:
+    """The registry's description of the split a dataset defines itself (``None`` for a plain train/test set)."""
+    name = data.get("name")
+    return DATASETS.meta(name).get("split") if name in DATASETS else None
+
+
+def _describe_split(data: Mapping[str, Any]) -> str:
+    """The images a run trains and is evaluated on. A dataset that defines its own split (a retrieval protocol)
+    says so in its registry entry (``split``); its ``train_subset`` / ``test_subset`` then mean what the dataset's
+    docstring says, so they are named as settings rather than as image counts."""
+    split = _own_split(data)
+    if split:
+        subsets = [f"data.{k} {data[k]:,}" for k in ("train_subset", "test_subset") if data.get(k)]
+        return "; ".join([split, *subsets])
+    train_n = f"{data['train_subset']:,} training images" if data.get("train_subset") else "the full training set"
+    test_n = f"{data['test_subset']:,} test images" if data.get("test_subset") else "the full test set"
+    return f"{train_n}, {test_n}"
+
+
 def describe_budget(group: Group) -> str:
     """Training budget of the group's runs, from their configs (the student runs' settings)."""
     students = [r for row in group.rows if row.role != "teacher" for r in row.runs]
@@ -684,17 +705,19 @@ def describe_budget(group: Group) -> str:
         return ""
     cfg = students[0].config
     data, optim, sched = cfg.get("data", {}), cfg.get("optim", {}), cfg.get("schedule", {})
-    train_n = f"{data['train_subset']:,} training images" if data.get("train_subset") else "the full training set"
-    test_n = f"{data['test_subset']:,} test images" if data.get("test_subset") else "the full test set"
     epochs = sorted({r.epochs for r in students if r.epochs})
     teacher_epochs = sorted({r.epochs for r in teachers if r.epochs})
-    parts = [f"{train_n}, {test_n}"]
+    parts = [_describe_split(data)]
     if teacher_epochs:
         teacher_n = {r.config.get("data", {}).get("train_subset") for r in teachers}
+        ns = sorted(teacher_n, key=str)
         on = ""
         if teacher_n != {data.get("train_subset")}:  # the teacher trained on another share of the training set
-            on = " on " + "/".join(f"{n:,}" if n else "the full training set" for n in sorted(teacher_n, key=str))
-            on += " training images" if None not in teacher_n else ""
+            if _own_split(data):
+                on = " with " + "/".join(f"data.train_subset {n:,}" if n else "no data.train_subset" for n in ns)
+            else:
+                on = " on " + "/".join(f"{n:,}" if n else "the full training set" for n in ns)
+                on += " training images" if None not in teacher_n else ""
         parts.append(f"teacher {'/'.join(map(str, teacher_epochs))} epochs{on}")
     parts.append(f"each student run {'/'.join(map(str, epochs))} epochs")
     nesterov = " nesterov" if optim.get("nesterov") else ""
