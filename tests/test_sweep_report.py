@@ -420,7 +420,7 @@ def _fake_run(
     teacher_dir: Path | None = None,
     epochs: int = 240,
     seed: int = 0,
-    extra: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     run = root / name
     run.mkdir(parents=True)
@@ -698,11 +698,11 @@ def test_budget_states_the_split_a_retrieval_protocol_defines(tmp_path) -> None:
     )
     _fake_run(
         root, "kd", model="hash_resnet8", method={"name": "code_kd"}, best=0.2, final=0.2, dataset="cifar10_hash",
-        teacher="hash_resnet20", teacher_dir=t,
+        teacher="hash_resnet20", teacher_dir=t, extra={"task": "hashing"},
     )  # fmt: skip
     text = write_report(root, tmp_path / "rep", command="kdforge report runs", plots=False).markdown.read_text()
     assert "Budget: protocol (a): 500 training images per class, half the test set as queries" in text
-    assert "full training set" not in text
+    assert "full training set" not in text and "two views per image (CIBHash's random resized crop" in text
     config = yaml.safe_load((root / "kd" / "config.yaml").read_text())
     config["data"]["train_subset"] = 20000
     (root / "kd" / "config.yaml").write_text(yaml.safe_dump(config))

@@ -675,6 +675,8 @@ AUGMENTATION = {
     "segmentation": "joint scale + crop + flip of input and target",
     "detection": "joint scale + crop + flip of image and boxes",
     "enhancement": "joint random crop + flip of input and target",
+    "oriented_detection": "joint quarter turns + mirror of image and rotated boxes",
+    "hashing": "two views per image (CIBHash's random resized crop, flip, colour jitter, grayscale, blur)",
 }
 
 
