@@ -96,3 +96,25 @@ def test_precision_recall_plot_writes_a_png(tmp_path):
     path = plot_precision_recall({"student": (prec, rec), "teacher": (prec.flip(0), rec)}, tmp_path / "pr.png")
     img = Image.open(path)
     assert img.format == "PNG" and img.size[0] > 100
+
+
+def test_precision_recall_plot_scales_to_the_curves_and_wraps_a_long_title(tmp_path, monkeypatch):
+    import kdforge.report.plots as plots
+
+    seen = {}
+    real_save = plots._save
+
+    def spy(fig, path):
+        ax = fig.axes[0]
+        seen["ylim"], seen["title"] = ax.get_ylim(), ax.get_title()
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    prec = torch.tensor([float("nan"), 0.30, 0.20, 0.10])
+    rec = torch.tensor([0.0, 0.1, 0.5, 1.0])
+    title = "cifar10_hash: hash_resnet20 → hash_resnet8: Hamming-ball retrieval, last evaluation"
+    plot_precision_recall({"student": (prec, rec)}, tmp_path / "pr.png", title=title)
+    assert seen["ylim"] == pytest.approx((0.0, 0.33))  # near-chance precisions are not flattened on a 0..1 axis
+    assert "\n" in seen["title"] and seen["title"].replace("\n", " ") == title
+    plot_precision_recall({"student": (torch.full((4,), float("nan")), rec)}, tmp_path / "empty.png")
+    assert seen["ylim"] == (0.0, 1.0)
